@@ -1,0 +1,1 @@
+"""Prefect flows over the same stages as dvc.yaml (see pipelines/flow.py)."""

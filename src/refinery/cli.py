@@ -1,0 +1,66 @@
+"""``python -m refinery <stage>``: the one command line behind DVC and Prefect.
+
+Parsing only: each stage's adapter lives in :mod:`refinery.stages`, which
+imports heavy libraries lazily so ``--help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from refinery.errors import RefineryError
+from refinery.params import ParamsError
+
+def build_parser() -> argparse.ArgumentParser:
+    from refinery.stages import STAGES
+
+    parser = argparse.ArgumentParser(
+        prog="refinery",
+        description="Run one stage of the refinery pipeline (DVC and Prefect call these).",
+        epilog="Pipeline: " + " -> ".join(dict.fromkeys(s.command for s in STAGES)),
+    )
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="stage", metavar="<stage>", required=True)
+    seen: set[str] = set()
+    for stage in STAGES:
+        if stage.command in seen:
+            continue
+        seen.add(stage.command)
+        stage_parser = sub.add_parser(stage.command, help=stage.help, description=stage.help)
+        for flag, kwargs in stage.arguments:
+            stage_parser.add_argument(flag, **kwargs)
+    check = sub.add_parser("check-params", help="validate params.yaml and exit")
+    check.set_defaults(_check=True)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    from refinery.params import load_params
+    from refinery.stages import stage_for_command
+
+    try:
+        params = load_params(args.params)
+    except ParamsError as exc:
+        print(f"refinery: {exc}", file=sys.stderr)
+        return 2
+    if getattr(args, "_check", False):
+        print(f"{args.params}: ok")
+        return 0
+    try:
+        stage_for_command(args.stage).run(params, args)
+    except RefineryError as exc:
+        print(f"refinery {args.stage}: {exc}", file=sys.stderr)
+        return 1
+    return 0

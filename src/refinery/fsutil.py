@@ -1,0 +1,101 @@
+"""Atomic file and directory writes.
+
+Every stage output is written to a temporary sibling and renamed into place, so
+a crash, a kill or a bad input never leaves a half-written file where a later
+stage (or DVC) would take it for a finished one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path next to ``target``; rename it onto ``target`` on success.
+
+    The temporary file is removed if the body raises, so a failure leaves the
+    previous ``target`` (or nothing) behind, never a partial file.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with contextlib.suppress(OSError), open(tmp_path, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp_path, target)
+        _fsync_dir(target.parent)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp_path.unlink()
+
+
+def write_bytes(target: str | os.PathLike[str], data: bytes) -> Path:
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(data)
+    return Path(target)
+
+
+def write_text(target: str | os.PathLike[str], text: str) -> Path:
+    return write_bytes(target, text.encode("utf-8"))
+
+
+def write_json(target: str | os.PathLike[str], obj: Any) -> Path:
+    return write_text(target, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_dir(target: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a fresh temporary directory that replaces ``target`` on success.
+
+    On failure the temporary directory is deleted and ``target`` is untouched.
+    The swap is two renames; a crash between them leaves ``target`` missing
+    (never partial), which DVC and the stages treat as "not produced".
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        yield tmp
+        old = None
+        if target.exists() or target.is_symlink():
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(target, old)
+        os.replace(tmp, target)
+        _fsync_dir(target.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def remove(path: str | os.PathLike[str]) -> None:
+    """Delete a file or directory if present."""
+    path = Path(path)
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()

@@ -1,0 +1,197 @@
+"""Teacher and student networks, and how they are saved.
+
+Every model takes float images in ``[0, 1]``, shape ``(N, C, H, W)``, and
+normalizes them itself (the statistics are buffers), so an exported or
+quantized model needs nothing from this project to be used.
+
+Saved form: ``model.pt`` (a state dict, loaded with ``weights_only=True``)
+and ``config.json`` (what to build), both in one folder.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+
+from refinery import fsutil
+
+TEACHER_ARCHS = ("resnet18", "resnet34", "resnet50")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str  # a torchvision ResNet name, or "student"
+    in_channels: int
+    image_size: int
+    num_classes: int  # 0: no head (a backbone, as pretraining leaves it)
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    classes: tuple[str, ...] = ()
+    stem: Literal["auto", "small", "imagenet"] = "auto"
+    width: int = 32  # student only
+    depth: tuple[int, ...] = field(default=(1, 1, 1))  # student only
+
+    def with_classes(self, classes: list[str] | tuple[str, ...]) -> ModelConfig:
+        return replace(self, num_classes=len(classes), classes=tuple(classes))
+
+    @property
+    def resolved_stem(self) -> str:
+        if self.stem != "auto":
+            return self.stem
+        return "small" if self.image_size <= 64 else "imagenet"
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> ModelConfig:
+        data = dict(data)
+        for key in ("mean", "std", "classes", "depth"):
+            if key in data:
+                data[key] = tuple(data[key])
+        return cls(**data)
+
+
+class Normalize(nn.Module):
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+class ImageClassifier(nn.Module):
+    """normalize -> backbone (pooled features) -> linear head."""
+
+    def __init__(self, backbone: nn.Module, feature_dim: int, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.feature_dim = feature_dim
+        self.normalize = Normalize(config.mean, config.std)
+        self.backbone = backbone
+        self.head: nn.Module = (
+            nn.Linear(feature_dim, config.num_classes) if config.num_classes else nn.Identity()
+        )
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(self.normalize(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def _resnet_backbone(config: ModelConfig) -> tuple[nn.Module, int]:
+    import torchvision
+
+    if config.arch not in TEACHER_ARCHS:
+        raise ValueError(f"unknown teacher arch {config.arch!r}; expected one of {TEACHER_ARCHS}")
+    net = getattr(torchvision.models, config.arch)(weights=None)
+    if config.resolved_stem == "small":
+        # CIFAR-style stem: a 7x7/2 conv and a max-pool would shrink 32x32 to 8x8 at once.
+        net.conv1 = nn.Conv2d(config.in_channels, 64, 3, stride=1, padding=1, bias=False)
+        net.maxpool = nn.Identity()
+    elif config.in_channels != 3:
+        net.conv1 = nn.Conv2d(config.in_channels, 64, 7, stride=2, padding=3, bias=False)
+    feature_dim = net.fc.in_features
+    net.fc = nn.Identity()
+    return net, feature_dim
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.relu = nn.ReLU()
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm2d(c_out)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + self.shortcut(x))
+
+
+class StudentBackbone(nn.Module):
+    """A small ResNet: width doubles and resolution halves at each stage."""
+
+    def __init__(self, in_channels: int, width: int, depth: tuple[int, ...]) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, width, 3, padding=1, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU(),
+        )
+        blocks: list[nn.Module] = []
+        c_in = width
+        for index, count in enumerate(depth):
+            c_out = width * 2**index
+            for block in range(count):
+                blocks.append(BasicBlock(c_in, c_out, stride=2 if index > 0 and block == 0 else 1))
+                c_in = c_out
+        self.blocks = nn.Sequential(*blocks)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.out_dim = c_in
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(self.pool(self.blocks(self.stem(x))), 1)
+
+
+def build_model(config: ModelConfig) -> ImageClassifier:
+    if config.arch == "student":
+        backbone = StudentBackbone(config.in_channels, config.width, config.depth)
+        return ImageClassifier(backbone, backbone.out_dim, config)
+    backbone, dim = _resnet_backbone(config)
+    return ImageClassifier(backbone, dim, config)
+
+
+def parameter_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def save_model(model: ImageClassifier, directory: str | Path, extra: dict | None = None) -> Path:
+    """Write ``model.pt`` and ``config.json`` into ``directory`` (each atomically)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
+    with fsutil.atomic_path(directory / "model.pt") as tmp:
+        torch.save(state, tmp)
+    payload = {"config": unwrap(model).config.to_json(), **(extra or {})}
+    fsutil.write_json(directory / "config.json", payload)
+    return directory
+
+
+def load_config(directory: str | Path) -> ModelConfig:
+    payload = json.loads((Path(directory) / "config.json").read_text())
+    return ModelConfig.from_json(payload["config"])
+
+
+def load_model(directory: str | Path, map_location: str | torch.device = "cpu") -> ImageClassifier:
+    directory = Path(directory)
+    model = build_model(load_config(directory))
+    state = torch.load(directory / "model.pt", map_location=map_location, weights_only=True)
+    model.load_state_dict(state)
+    return model
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module under DDP and torch.compile wrappers."""
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, nn.Module):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
