@@ -15,6 +15,7 @@ from pathlib import Path
 from refinery.errors import RefineryError
 from refinery.params import ParamsError
 
+
 def build_parser() -> argparse.ArgumentParser:
     from refinery.stages import STAGES
 

@@ -417,7 +417,8 @@ def parse_params(raw: dict[str, Any] | None, source: str = "params") -> Params:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ParamsError(f"{source}: expected a mapping of params groups, got {type(raw).__name__}")
+        kind = type(raw).__name__
+        raise ParamsError(f"{source}: expected a mapping of params groups, got {kind}")
     try:
         return Params.model_validate(raw)
     except ValidationError as exc:

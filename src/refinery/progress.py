@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 T = TypeVar("T")
 
 
-def _disabled() -> bool:
+def disabled() -> bool:
     forced = os.environ.get("REFINERY_PROGRESS")
     if forced is not None:
         return forced in ("0", "false", "no")
@@ -27,7 +27,7 @@ def bar(iterable: Iterable[T] | None = None, **kwargs: Any) -> tqdm:
     """A tqdm bar with the project's defaults (``desc``, ``total``, ``unit`` as in tqdm)."""
     kwargs.setdefault("mininterval", 0.5)
     kwargs.setdefault("dynamic_ncols", True)
-    kwargs.setdefault("disable", _disabled())
+    kwargs.setdefault("disable", disabled())
     kwargs.setdefault("file", sys.stderr)
     return tqdm(iterable, **kwargs)
 

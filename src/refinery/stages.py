@@ -9,6 +9,7 @@ Prefect flow are checked against :data:`STAGES` by the tests.
 from __future__ import annotations
 
 import argparse
+import contextlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,8 +49,12 @@ def _finish(stage: str, run: Any, metrics: Mapping[str, float]) -> None:
 
 
 def _tracked(stage: Stage, params: Params) -> Any:
+    """The stage's MLflow run; under torchrun only rank 0 tracks, the others get a no-op."""
     from refinery import tracking
+    from refinery.engine.runtime import is_main_process
 
+    if not is_main_process():
+        return contextlib.nullcontext(tracking.NullRun())
     return tracking.stage_run(
         stage.name, params_subset(params, stage.params), experiment=params.tracking.experiment
     )
@@ -104,6 +109,77 @@ def _prepare(params: Params, args: argparse.Namespace) -> None:
         _finish(stage.name, run, result.metrics())
 
 
+def _pretrain(params: Params, args: argparse.Namespace) -> None:
+    from refinery.training.pretrain import pretrain
+
+    stage = stage_named("pretrain")
+    with _tracked(stage, params) as run:
+        result = pretrain(
+            params.pretrain, params.model, params.engine, params.seed,
+            prepared_dir=paths.PREPARED, policies_path=paths.AUGMENT / "policies.json",
+            out_dir=paths.PRETRAINED, checkpoint_dir=paths.CHECKPOINTS / stage.name,
+            plots_csv=paths.PLOTS / "pretrain.csv",
+            curves_png=paths.reports_dir("pretrain") / "curves.png", sink=run,
+        )
+        _finish_main(stage.name, run, result.metrics(),
+                     artifacts=[paths.reports_dir("pretrain") / "curves.png",
+                                paths.PRETRAINED / "config.json"])
+
+
+def _finetune(params: Params, args: argparse.Namespace) -> None:
+    from refinery.training.finetune import finetune
+
+    init = args.init
+    stage = stage_named("finetune" if init == "pretrained" else "finetune_scratch")
+    out = paths.TEACHER if init == "pretrained" else paths.SCRATCH
+    with _tracked(stage, params) as run:
+        result = finetune(
+            params.finetune, params.model, params.engine, params.seed, init=init,
+            prepared_dir=paths.PREPARED, policies_path=paths.AUGMENT / "policies.json",
+            pretrained_dir=paths.PRETRAINED if init == "pretrained" else None,
+            out_dir=out, checkpoint_dir=paths.CHECKPOINTS / stage.name,
+            plots_csv=paths.PLOTS / f"{stage.name}.csv",
+            curves_png=paths.reports_dir(stage.name) / "curves.png", sink=run,
+        )
+        _finish_main(stage.name, run, result.metrics(),
+                     artifacts=[paths.reports_dir(stage.name) / "curves.png",
+                                out / "config.json"])
+
+
+def _distill(params: Params, args: argparse.Namespace) -> None:
+    from refinery.training.distill import distill
+
+    stage = stage_named("distill")
+    with _tracked(stage, params) as run:
+        result = distill(
+            params.distill, params.model, params.engine, params.seed,
+            prepared_dir=paths.PREPARED, policies_path=paths.AUGMENT / "policies.json",
+            teacher_dir=paths.TEACHER, out_dir=paths.STUDENT,
+            checkpoint_dir=paths.CHECKPOINTS / stage.name,
+            plots_csv=paths.PLOTS / "distill.csv",
+            curves_png=paths.reports_dir("distill") / "curves.png", sink=run,
+        )
+        _finish_main(stage.name, run, result.metrics(),
+                     artifacts=[paths.reports_dir("distill") / "curves.png",
+                                paths.STUDENT / "config.json"])
+
+
+def _finish_main(stage: str, run: Any, metrics: Mapping[str, float],
+                 artifacts: list[Any] = ()) -> None:
+    """Like :func:`_finish`, on rank 0 only (the others wrote nothing)."""
+    from refinery.engine.runtime import is_main_process
+
+    if not is_main_process():
+        return
+    for artifact in artifacts:
+        run.log_artifact(artifact)
+    _finish(stage, run, metrics)
+
+
+_INIT_ARGUMENT = (("--init", {"choices": ["pretrained", "scratch"], "default": "pretrained",
+                              "help": "start from the pretrained backbone or from scratch"}),)
+_TRAIN_KEYS = ("seed", "model.teacher", "engine")
+
 STAGES: tuple[Stage, ...] = (
     Stage(
         "download",
@@ -125,6 +201,38 @@ STAGES: tuple[Stage, ...] = (
         "split train/val, pick the labeled subset, pack uint8 tensors",
         ("seed", "images", "prepare"),
         _prepare,
+    ),
+    Stage(
+        "pretrain",
+        "pretrain",
+        "self-supervised SimCLR pretraining of the teacher backbone (GPU when present)",
+        (*_TRAIN_KEYS, "pretrain"),
+        _pretrain,
+    ),
+    Stage(
+        "finetune",
+        "finetune",
+        "fine-tune the pretrained backbone on the labeled subset (the teacher)",
+        (*_TRAIN_KEYS, "finetune"),
+        _finetune,
+        cli_args=("--init", "pretrained"),
+        arguments=_INIT_ARGUMENT,
+    ),
+    Stage(
+        "finetune_scratch",
+        "finetune",
+        "the same training from random weights: the baseline pretraining must beat",
+        (*_TRAIN_KEYS, "finetune"),
+        _finetune,
+        cli_args=("--init", "scratch"),
+        arguments=_INIT_ARGUMENT,
+    ),
+    Stage(
+        "distill",
+        "distill",
+        "distill the teacher into the small student (labeled + unlabeled images)",
+        ("seed", "model.student", "engine", "distill"),
+        _distill,
     ),
 )
 

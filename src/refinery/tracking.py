@@ -198,8 +198,9 @@ class StageRun:
 
 
 def _client() -> Any:
-    import mlflow
     from mlflow.tracking import MlflowClient
+
+    import mlflow
 
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
@@ -281,3 +282,38 @@ def stage_run(
     run.log_metrics({"stage_seconds": time.monotonic() - started})
     run.flush()
     client.set_terminated(run.run_id, status="FINISHED")
+
+
+class NullRun:
+    """Stands in for a :class:`StageRun` where nothing is tracked (non-zero DDP ranks)."""
+
+    run_id = ""
+    parent_run_id = None
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        return None
+
+    def flush(self) -> None:
+        return None
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        return None
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        return None
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        return None
+
+    def log_artifacts(self, directory: str | Path, artifact_path: str | None = None) -> None:
+        return None
+
+    def log_dict(self, obj: Any, artifact_file: str) -> None:
+        return None
+
+    def log_figure(self, figure: Any, artifact_file: str) -> None:
+        return None
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[None]:
+        yield

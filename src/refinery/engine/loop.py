@@ -1,0 +1,319 @@
+"""The training loop every training stage runs.
+
+A stage supplies a :class:`Task` (its model, how a batch becomes a loss, how
+to evaluate); the :class:`Trainer` owns everything else: batching over a
+seeded per-epoch permutation, gradient accumulation, DDP, AMP, the schedule,
+checkpoints and resume, progress and metric logging.
+
+Batching is defined on the *global* batch: every rank draws the same
+permutation and the same augmentation parameters for the whole batch, then
+computes its own slice. That is what makes one process and N processes with
+the same global batch give the same result.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from refinery import progress
+from refinery.engine.checkpoint import Checkpointer
+from refinery.engine.optim import build_optimizer, lr_factor, param_groups, set_lr
+from refinery.engine.runtime import Runtime, convert_sync_batchnorm
+from refinery.params import OptimParams
+
+log = logging.getLogger(__name__)
+
+
+class MetricSink(Protocol):
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None: ...
+
+
+class NullSink:
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        return None
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One micro-batch: the indices of the whole (global) micro-batch and this rank's slice."""
+
+    indices: torch.Tensor  # global micro-batch indices, same on every rank
+    local: slice  # this rank's part of ``indices``
+
+    @property
+    def local_indices(self) -> torch.Tensor:
+        return self.indices[self.local]
+
+
+class Task(Protocol):
+    """What a training stage plugs into the engine."""
+
+    model: nn.Module  # trained parameters live here (unwrapped)
+
+    def num_samples(self) -> int:
+        """Size of the index space the per-epoch permutation covers."""
+        ...
+
+    def loss(self, model: nn.Module, batch: Batch, generator: torch.Generator
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Mean loss over this rank's slice, plus detached per-batch metrics to average."""
+        ...
+
+    def evaluate(self, model: nn.Module, epoch: int) -> dict[str, float]:
+        """Metrics at the end of ``epoch`` (0-based); ``model`` is the plain module."""
+        ...
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    stage: str
+    epochs: int
+    global_batch: int
+    accumulate: int
+    optim: OptimParams
+    seed: int
+    eval_every: int = 1
+    log_every: int = 10
+    checkpoint_every: int = 0
+    group_lr_scales: dict[str, float] = field(default_factory=dict)
+    batch_key: str = "batch_size"  # params key named in batch-size errors
+
+
+@dataclass
+class TrainOutcome:
+    history: list[dict[str, float]]
+    final: dict[str, float]
+    train_seconds: float
+    total_seconds: float
+    samples_per_second: float
+    resumed_at_step: int
+    steps: int
+    tracking_seconds: float
+
+
+class Trainer:
+    def __init__(self, rt: Runtime, task: Task, spec: TrainSpec, checkpointer: Checkpointer,
+                 sink: MetricSink | None = None) -> None:
+        self.rt, self.task, self.spec, self.ckpt = rt, task, spec, checkpointer
+        self.sink = sink or NullSink()
+        self.tracking_seconds = 0.0
+        n = task.num_samples()
+        micro, rem = divmod(spec.global_batch, spec.accumulate)
+        if rem:
+            raise ValueError(f"{spec.stage}.{spec.batch_key} ({spec.global_batch}) must be "
+                             f"divisible by {spec.stage}.accumulate ({spec.accumulate})")
+        if micro % rt.world_size:
+            raise ValueError(f"{spec.stage}.{spec.batch_key}/accumulate ({micro}) must be "
+                             f"divisible by the number of processes ({rt.world_size})")
+        if spec.global_batch > n:
+            raise ValueError(f"{spec.stage}.{spec.batch_key} ({spec.global_batch}) is larger "
+                             f"than the {n} training samples; lower it")
+        self.micro = micro
+        self.local = micro // rt.world_size
+        self.steps_per_epoch = n // spec.global_batch
+        self.total_steps = self.steps_per_epoch * spec.epochs
+
+        model = task.model.to(rt.device)
+        if rt.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        if rt.distributed:
+            model = convert_sync_batchnorm(model, rt.device)
+            task.model = model
+        self.raw = model
+        self.optimizer = build_optimizer(
+            param_groups(model, prefix_scales=spec.group_lr_scales), spec.optim
+        )
+        wrapped: nn.Module = model
+        if rt.distributed:
+            wrapped = nn.parallel.DistributedDataParallel(
+                model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None,
+                broadcast_buffers=False,
+            )
+        if rt.compile:
+            wrapped = torch.compile(wrapped)
+        self.model = wrapped
+        self.generator = torch.Generator(device=rt.device)
+        self.generator.manual_seed(spec.seed + 1)
+        self.warmup_steps = round(spec.optim.warmup_epochs * self.steps_per_epoch)
+
+    # ------------------------------------------------------------------ helpers
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.spec.seed * 1_000_003 + epoch)
+        return torch.randperm(self.task.num_samples(), generator=g)
+
+    def _log(self, metrics: Mapping[str, float], step: int) -> None:
+        if not self.rt.is_main:
+            return
+        start = time.perf_counter()
+        self.sink.log_metrics(metrics, step=step)
+        self.tracking_seconds += time.perf_counter() - start
+
+    def _state(self, epoch: int, step_in_epoch: int, global_step: int,
+               sums: dict[str, torch.Tensor], history: list[dict[str, float]],
+               train_seconds: float) -> dict[str, Any]:
+        state: dict[str, Any] = {
+            "model": {k: v.detach().cpu() for k, v in self.raw.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "epoch": epoch,
+            "step_in_epoch": step_in_epoch,
+            "global_step": global_step,
+            "generator": self.generator.get_state(),
+            "cpu_rng": torch.get_rng_state(),
+            "sums": {k: v.detach().cpu() for k, v in sums.items()},
+            "history": history,
+            "train_seconds": train_seconds,
+        }
+        if self.rt.device.type == "cuda":
+            state["cuda_rng"] = torch.cuda.get_rng_state(self.rt.device)
+        return state
+
+    def _save(self, *args: Any) -> None:
+        if self.rt.is_main:
+            self.ckpt.save(self._state(*args))
+        self.rt.barrier()
+
+    def _restore(self) -> dict[str, Any] | None:
+        state = self.ckpt.load()
+        if state is None:
+            return None
+        self.raw.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["cpu_rng"])
+        if "cuda_rng" in state and self.rt.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"], self.rt.device)
+        log.info("%s: resuming from checkpoint at epoch %d, step %d", self.spec.stage,
+                 state["epoch"], state["step_in_epoch"])
+        return state
+
+    def _reduce_mean(self, sums: dict[str, torch.Tensor], count: int) -> dict[str, float]:
+        if not sums:
+            return {}
+        keys = sorted(sums)
+        packed = torch.stack([sums[k].float() for k in keys]) / max(count, 1)
+        if self.rt.distributed:
+            dist.all_reduce(packed)
+            packed /= self.rt.world_size
+        return {k: float(v) for k, v in zip(keys, packed.tolist(), strict=True)}
+
+    # --------------------------------------------------------------------- loop
+    def fit(self) -> TrainOutcome:
+        spec, rt = self.spec, self.rt
+        started = time.perf_counter()
+        history: list[dict[str, float]] = []
+        sums: dict[str, torch.Tensor] = {}
+        start_epoch, start_step, global_step, train_seconds = 0, 0, 0, 0.0
+        state = self._restore()
+        resumed_at = 0
+        if state is not None:
+            start_epoch, start_step = state["epoch"], state["step_in_epoch"]
+            global_step, train_seconds = state["global_step"], state["train_seconds"]
+            history = list(state["history"])
+            sums = {k: v.to(rt.device) for k, v in state["sums"].items()}
+            resumed_at = global_step
+        rank_slice = slice(rt.rank * self.local, (rt.rank + 1) * self.local)
+        lr = spec.optim.lr
+
+        for epoch in range(start_epoch, spec.epochs):
+            perm = self._permutation(epoch)
+            first = start_step if epoch == start_epoch else 0
+            if first == 0:
+                sums = {}
+            self.raw.train()
+            bar = progress.bar(total=self.steps_per_epoch, initial=first, unit="step",
+                               desc=f"{spec.stage} {epoch + 1}/{spec.epochs}",
+                               disable=not rt.is_main or progress.disabled())
+            tick = time.perf_counter()
+            seen = 0
+            for step in range(first, self.steps_per_epoch):
+                factor = lr_factor(spec.optim.schedule, global_step, self.total_steps,
+                                   self.warmup_steps)
+                lr = set_lr(self.optimizer, factor)
+                batch_idx = perm[step * spec.global_batch:(step + 1) * spec.global_batch]
+                for micro in range(spec.accumulate):
+                    idx = batch_idx[micro * self.micro:(micro + 1) * self.micro]
+                    sync = micro == spec.accumulate - 1
+                    ctx = (self.model.no_sync() if rt.distributed and not sync
+                           and hasattr(self.model, "no_sync") else _null())
+                    with ctx:
+                        with rt.autocast():
+                            loss, metrics = self.task.loss(self.model, Batch(idx, rank_slice),
+                                                           self.generator)
+                        (loss / spec.accumulate).backward()
+                    for key, value in {"loss": loss.detach(), **metrics}.items():
+                        sums[key] = sums.get(key, 0) + value.detach().float() / spec.accumulate
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                global_step += 1
+                seen += spec.global_batch
+                bar.update(1)
+                if global_step % spec.log_every == 0:
+                    loss_now = float(loss.detach())
+                    if not math.isfinite(loss_now):
+                        raise FloatingPointError(
+                            f"{spec.stage}: loss is {loss_now} at step {global_step}; lower "
+                            f"{spec.stage}.optim.lr or check the data")
+                    bar.set_postfix(loss=f"{loss_now:.4f}", lr=f"{lr:.3g}")
+                    self._log({"step/loss": loss_now, "step/lr": lr}, global_step)
+                if spec.checkpoint_every and global_step % spec.checkpoint_every == 0 \
+                        and step + 1 < self.steps_per_epoch:
+                    train_seconds += self._elapsed(tick)
+                    self._save(epoch, step + 1, global_step, sums, history, train_seconds)
+                    tick = time.perf_counter()
+            train_seconds += self._elapsed(tick)
+            epoch_seconds = time.perf_counter() - tick
+            bar.close()
+            record = {"epoch": epoch + 1, "lr": lr, "train_seconds": train_seconds}
+            record.update({f"train_{k}": v for k, v in
+                           self._reduce_mean(sums, self.steps_per_epoch).items()})
+            if seen:
+                record["samples_per_second"] = seen / max(epoch_seconds, 1e-9)
+            last = epoch + 1 == spec.epochs
+            if last or (epoch + 1) % spec.eval_every == 0:
+                self.raw.eval()
+                with torch.no_grad(), rt.autocast():
+                    record.update(self.task.evaluate(self.raw, epoch))
+                self.raw.train()
+            history.append(record)
+            self._log({k: v for k, v in record.items() if k != "epoch"}, epoch + 1)
+            if rt.is_main:
+                log.info("%s epoch %d: %s", spec.stage, epoch + 1,
+                         ", ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "epoch"))
+            self._save(epoch + 1, 0, global_step, {}, history, train_seconds)
+            sums = {}
+
+        total = time.perf_counter() - started
+        steps_run = global_step - resumed_at
+        return TrainOutcome(
+            history=history,
+            final=history[-1] if history else {},
+            train_seconds=train_seconds,
+            total_seconds=total,
+            samples_per_second=(steps_run * spec.global_batch / train_seconds
+                                if train_seconds > 0 else 0.0),
+            resumed_at_step=resumed_at,
+            steps=global_step,
+            tracking_seconds=self.tracking_seconds,
+        )
+
+    def _elapsed(self, tick: float) -> float:
+        if self.rt.device.type == "cuda":
+            torch.cuda.synchronize(self.rt.device)
+        return time.perf_counter() - tick
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None

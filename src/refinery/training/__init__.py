@@ -1,0 +1,1 @@
+"""Training stages (pretrain, finetune, distill) on the shared engine."""

@@ -1,0 +1,197 @@
+"""Supervised training of the teacher on the labeled subset only.
+
+``init: pretrained`` starts from the SimCLR backbone (full fine-tuning, with an
+optional lower backbone learning rate, or a linear probe on frozen features);
+``init: scratch`` trains the same network from random weights on the same
+labels, the baseline that says what pretraining bought.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from refinery import models
+from refinery.augment import load_policies
+from refinery.data.prepared import PreparedData, load_prepared
+from refinery.engine import (
+    Batch,
+    Checkpointer,
+    DeviceData,
+    MetricSink,
+    Trainer,
+    TrainSpec,
+    fingerprint,
+    make_runtime,
+)
+from refinery.engine.runtime import Runtime
+from refinery.errors import RefineryError
+from refinery.params import EngineParams, FinetuneParams, ModelParams
+from refinery.training.common import accuracy, plot_history, run_model, write_history_csv
+
+log = logging.getLogger(__name__)
+
+Init = Literal["pretrained", "scratch"]
+
+
+class ClassifierTask:
+    """Cross-entropy on augmented labeled images (MixUp/CutMix give soft targets)."""
+
+    def __init__(self, model: models.ImageClassifier, rt: Runtime, train: DeviceData,
+                 policy: object, label_smoothing: float, num_classes: int,
+                 monitors: dict[str, tuple[DeviceData, torch.Tensor]],
+                 eval_every: int, epochs: int, frozen_backbone: bool = False) -> None:
+        self.model = model
+        self.rt = rt
+        self.train = train
+        self.policy = policy
+        self.label_smoothing = label_smoothing
+        self.num_classes = num_classes
+        self.monitors = monitors
+        self.eval_every, self.epochs = eval_every, epochs
+        self.frozen_backbone = frozen_backbone
+
+    def num_samples(self) -> int:
+        return len(self.train)
+
+    def loss(self, model: nn.Module, batch: Batch, generator: torch.Generator
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if self.frozen_backbone:
+            models.unwrap(model).backbone.eval()  # a linear probe keeps BN statistics fixed
+        params = self.policy.sample(len(batch.indices), generator, self.rt.device)
+        local = batch.local_indices
+        images = self.policy.apply(self.train.images(local), params[batch.local])
+        labels = self.train.labels(local)
+        images, targets = self.policy.mix(images, labels, self.num_classes, generator)
+        if self.rt.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        logits = model(images)
+        loss = F.cross_entropy(logits.float(), targets, label_smoothing=self.label_smoothing)
+        hard = targets if targets.ndim == 1 else targets.argmax(dim=1)
+        return loss, {"acc": (logits.argmax(dim=1) == hard).float().mean()}
+
+    def evaluate(self, model: nn.Module, epoch: int) -> dict[str, float]:
+        if (epoch + 1) % self.eval_every and epoch + 1 != self.epochs:
+            return {}
+        metrics: dict[str, float] = {}
+        for name, (data, labels) in self.monitors.items():
+            logits = run_model(model, data, self.rt)
+            metrics[f"{name}_acc"] = accuracy(logits, labels)
+            metrics[f"{name}_loss"] = float(F.cross_entropy(logits, labels.to(logits.device)))
+        return metrics
+
+
+@dataclass
+class FinetuneResult:
+    metrics_: dict[str, float]
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    def metrics(self) -> dict[str, float]:
+        return dict(self.metrics_)
+
+
+def build_classifier(data: PreparedData, model_p: ModelParams, init: Init,
+                     pretrained_dir: Path | None) -> models.ImageClassifier:
+    """The teacher network, from the pretrained backbone or from random weights."""
+    if init == "scratch":
+        config = models.ModelConfig(
+            arch=model_p.teacher.arch, stem=model_p.teacher.stem, in_channels=data.channels,
+            image_size=data.size, num_classes=0, mean=tuple(data.mean), std=tuple(data.std))
+        return models.build_model(config.with_classes(data.classes))
+    if pretrained_dir is None or not (pretrained_dir / "model.pt").exists():
+        raise RefineryError(f"finetune with init: pretrained needs a pretrained backbone in "
+                            f"{pretrained_dir} (run the pretrain stage first)")
+    encoder_config = models.load_config(pretrained_dir)
+    if (encoder_config.in_channels, encoder_config.image_size) != (data.channels, data.size):
+        raise RefineryError(
+            f"pretrained backbone expects {encoder_config.in_channels}x{encoder_config.image_size}"
+            f" images but the prepared data is {data.channels}x{data.size}; rerun pretrain")
+    model = models.build_model(encoder_config.with_classes(data.classes))
+    state = torch.load(pretrained_dir / "model.pt", map_location="cpu", weights_only=True)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or any(not key.startswith("head.") for key in missing):
+        raise RefineryError(f"pretrained weights do not fit the teacher: missing {missing}, "
+                            f"unexpected {unexpected}")
+    return model
+
+
+def finetune(p: FinetuneParams, model_p: ModelParams, engine_p: EngineParams, seed: int,
+             init: Init, prepared_dir: Path, policies_path: Path, pretrained_dir: Path | None,
+             out_dir: Path, checkpoint_dir: Path, plots_csv: Path, curves_png: Path,
+             sink: MetricSink | None = None, monitor_test: bool = False) -> FinetuneResult:
+    """Train a classifier on the labeled subset; write it to ``out_dir``.
+
+    ``monitor_test`` also scores the test split every evaluation (benchmarks use it
+    for time-to-accuracy; the pipeline leaves the test split to ``evaluate``).
+    """
+    rt = make_runtime(engine_p, seed)
+    data = load_prepared(prepared_dir, splits=("train", "val", "test") if monitor_test
+                         else ("train", "val"))
+    supervised, _ = load_policies(policies_path)
+    model = build_classifier(data, model_p, init, pretrained_dir)
+    linear = p.mode == "linear"
+    if linear:
+        if init == "scratch":
+            raise RefineryError("finetune.mode: linear needs init: pretrained (a linear probe on "
+                                "random features measures nothing)")
+        for param in model.backbone.parameters():
+            param.requires_grad_(False)
+    labeled = data.labeled
+    monitors = {"val": (DeviceData(data.val.images, None, rt), data.val.labels.to(rt.device))}
+    if monitor_test:
+        monitors["test"] = (DeviceData(data.test.images, None, rt),
+                            data.test.labels.to(rt.device))
+    task = ClassifierTask(
+        model, rt, DeviceData(data.train.images[labeled], data.train.labels[labeled], rt),
+        supervised, p.label_smoothing, data.num_classes, monitors, p.eval_every, p.epochs,
+        frozen_backbone=linear)
+    stage = "finetune" if init == "pretrained" else "finetune_scratch"
+    scales = {} if linear or p.backbone_lr_scale == 1.0 or init == "scratch" else {
+        "backbone.": p.backbone_lr_scale}
+    spec = TrainSpec(stage=stage, epochs=p.epochs, global_batch=p.batch_size,
+                     accumulate=p.accumulate, optim=p.optim, seed=seed,
+                     eval_every=p.eval_every, log_every=engine_p.log_every_steps,
+                     checkpoint_every=engine_p.checkpoint_every_steps, group_lr_scales=scales)
+    inputs = [prepared_dir / "meta.json", prepared_dir / "train.pt", prepared_dir / "labeled.pt",
+              policies_path]
+    if init == "pretrained" and pretrained_dir is not None:
+        inputs.append(pretrained_dir / "model.pt")
+    ckpt = Checkpointer(checkpoint_dir, fingerprint(
+        stage, {"finetune": p.model_dump(), "model": model_p.model_dump(), "seed": seed,
+                "init": init, "world": rt.world_size, "monitor_test": monitor_test}, inputs))
+    outcome = Trainer(rt, task, spec, ckpt, sink).fit()
+    final = outcome.final
+    metrics = {
+        "val_acc": final.get("val_acc", float("nan")),
+        "val_loss": final.get("val_loss", float("nan")),
+        "train_loss": final.get("train_loss", float("nan")),
+        "labeled_images": len(labeled),
+        "images_per_second": outcome.samples_per_second,
+        "train_seconds": outcome.train_seconds,
+        "epochs": p.epochs,
+        "steps": outcome.steps,
+        "resumed_at_step": outcome.resumed_at_step,
+        "parameters": models.parameter_count(model),
+        "tracking_seconds": outcome.tracking_seconds,
+    }
+    if monitor_test:
+        metrics["test_acc"] = final.get("test_acc", float("nan"))
+    if rt.is_main:
+        models.save_model(task.model, out_dir, extra={"stage": stage, "init": init,
+                                                      "metrics": metrics})
+        write_history_csv(outcome.history, plots_csv)
+        plot_history(outcome.history, {"loss": ["train_loss", "val_loss"],
+                                       "accuracy": ["train_acc", "val_acc", "test_acc"],
+                                       "learning rate": ["lr"]}, curves_png,
+                     f"fine-tuning ({init})")
+    rt.barrier()
+    if rt.is_main:
+        ckpt.clear()
+    rt.close()
+    return FinetuneResult(metrics, outcome.history)

@@ -1,0 +1,194 @@
+"""Self-supervised pretraining (SimCLR): a backbone learns from unlabeled images.
+
+Two augmented views of each image are pulled together and pushed apart from
+every other image in the (global) batch by the NT-Xent loss. Labels are not
+used for training; a kNN classifier on frozen features (labeled train subset
+-> val) shows every few epochs whether the features are getting useful.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from refinery import models
+from refinery.augment import load_policies
+from refinery.data.prepared import load_prepared
+from refinery.engine import (
+    Batch,
+    Checkpointer,
+    DeviceData,
+    MetricSink,
+    Trainer,
+    TrainSpec,
+    fingerprint,
+    make_runtime,
+)
+from refinery.engine.runtime import Runtime
+from refinery.params import EngineParams, ModelParams, PretrainParams
+from refinery.training.common import knn_accuracy, plot_history, run_model, write_history_csv
+
+log = logging.getLogger(__name__)
+
+
+class SimCLR(nn.Module):
+    """Encoder (an :class:`ImageClassifier` without head) plus the projection MLP."""
+
+    def __init__(self, encoder: models.ImageClassifier, hidden: int, out: int) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.projector = nn.Sequential(
+            nn.Linear(encoder.feature_dim, hidden, bias=False),
+            nn.BatchNorm1d(hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, out),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.projector(self.encoder(x))
+
+
+def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float, rt: Runtime | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """NT-Xent over the global batch; returns (mean loss over local anchors, top-1 accuracy).
+
+    Under DDP the projections of all ranks are gathered (with gradients), so each
+    anchor sees the same 2B-2 negatives as in a single process.
+    """
+    z1 = F.normalize(z1.float(), dim=1)
+    z2 = F.normalize(z2.float(), dim=1)
+    local = z1.shape[0]
+    if rt is not None and rt.distributed:
+        from torch.distributed.nn.functional import all_gather
+
+        all1, all2 = torch.cat(all_gather(z1)), torch.cat(all_gather(z2))
+        offset = rt.rank * local
+    else:
+        all1, all2, offset = z1, z2, 0
+    total = all1.shape[0]
+    bank = torch.cat([all1, all2])
+    anchors = torch.cat([z1, z2])
+    logits = anchors @ bank.T / temperature
+    rows = torch.arange(local, device=z1.device)
+    self_idx = torch.cat([offset + rows, total + offset + rows])
+    positive = torch.cat([total + offset + rows, offset + rows])
+    logits = logits.scatter(1, self_idx[:, None], float("-inf"))
+    loss = F.cross_entropy(logits, positive)
+    accuracy = (logits.argmax(dim=1) == positive).float().mean()
+    return loss, accuracy.detach()
+
+
+class PretrainTask:
+    def __init__(self, model: SimCLR, rt: Runtime, train: DeviceData, policy: object,
+                 temperature: float, knn_bank: DeviceData, knn_bank_labels: torch.Tensor,
+                 knn_query: DeviceData, knn_query_labels: torch.Tensor, num_classes: int,
+                 knn_k: int, knn_every: int, epochs: int) -> None:
+        self.model = model
+        self.rt = rt
+        self.train = train
+        self.policy = policy
+        self.temperature = temperature
+        self.knn = (knn_bank, knn_bank_labels, knn_query, knn_query_labels)
+        self.num_classes, self.knn_k, self.knn_every, self.epochs = (
+            num_classes, knn_k, knn_every, epochs)
+
+    def num_samples(self) -> int:
+        return len(self.train)
+
+    def loss(self, model: nn.Module, batch: Batch, generator: torch.Generator
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        n = len(batch.indices)
+        first = self.policy.sample(n, generator, self.rt.device)
+        second = self.policy.sample(n, generator, self.rt.device)
+        images = self.train.images(batch.local_indices)
+        views = torch.cat([self.policy.apply(images, first[batch.local]),
+                           self.policy.apply(images, second[batch.local])])
+        if self.rt.channels_last:
+            views = views.contiguous(memory_format=torch.channels_last)
+        z1, z2 = model(views).chunk(2)
+        loss, acc = nt_xent(z1, z2, self.temperature, self.rt)
+        return loss, {"contrastive_acc": acc}
+
+    def evaluate(self, model: nn.Module, epoch: int) -> dict[str, float]:
+        if (epoch + 1) % self.knn_every and epoch + 1 != self.epochs:
+            return {}
+        bank, bank_labels, query, query_labels = self.knn
+        encoder = model.encoder
+        return {"knn_acc": knn_accuracy(
+            run_model(encoder, bank, self.rt, features=True), bank_labels,
+            run_model(encoder, query, self.rt, features=True), query_labels,
+            self.num_classes, k=self.knn_k)}
+
+
+@dataclass
+class PretrainResult:
+    metrics_: dict[str, float]
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    def metrics(self) -> dict[str, float]:
+        return dict(self.metrics_)
+
+
+def pretrain(p: PretrainParams, model_p: ModelParams, engine_p: EngineParams, seed: int,
+             prepared_dir: Path, policies_path: Path, out_dir: Path, checkpoint_dir: Path,
+             plots_csv: Path, curves_png: Path, sink: MetricSink | None = None,
+             ) -> PretrainResult:
+    """Train the teacher backbone with SimCLR; write it to ``out_dir``."""
+    rt = make_runtime(engine_p, seed)
+    data = load_prepared(prepared_dir, splits=("train", "val"))
+    _, ssl_policy = load_policies(policies_path)
+    config = models.ModelConfig(
+        arch=model_p.teacher.arch, stem=model_p.teacher.stem, in_channels=data.channels,
+        image_size=data.size, num_classes=0, mean=tuple(data.mean), std=tuple(data.std))
+    net = SimCLR(models.build_model(config), p.projection_hidden, p.projection_dim)
+    labeled = data.labeled
+    task = PretrainTask(
+        net, rt,
+        train=DeviceData(data.train.images, None, rt),
+        policy=ssl_policy,
+        temperature=p.temperature,
+        knn_bank=DeviceData(data.train.images[labeled], None, rt),
+        knn_bank_labels=data.train.labels[labeled].to(rt.device),
+        knn_query=DeviceData(data.val.images, None, rt),
+        knn_query_labels=data.val.labels.to(rt.device),
+        num_classes=data.num_classes, knn_k=p.knn_k, knn_every=p.knn_every, epochs=p.epochs,
+    )
+    spec = TrainSpec(stage="pretrain", epochs=p.epochs, global_batch=p.batch_size,
+                     accumulate=p.accumulate, optim=p.optim, seed=seed,
+                     log_every=engine_p.log_every_steps,
+                     checkpoint_every=engine_p.checkpoint_every_steps)
+    ckpt = Checkpointer(checkpoint_dir, fingerprint(
+        "pretrain", {"pretrain": p.model_dump(), "model": model_p.model_dump(), "seed": seed,
+                     "world": rt.world_size},
+        [prepared_dir / "meta.json", prepared_dir / "train.pt", policies_path]))
+    outcome = Trainer(rt, task, spec, ckpt, sink).fit()
+    final = outcome.final
+    metrics = {
+        "knn_acc": final.get("knn_acc", float("nan")),
+        "loss": final.get("train_loss", float("nan")),
+        "contrastive_acc": final.get("train_contrastive_acc", float("nan")),
+        "pairs_per_second": outcome.samples_per_second,
+        "train_seconds": outcome.train_seconds,
+        "epochs": p.epochs,
+        "steps": outcome.steps,
+        "resumed_at_step": outcome.resumed_at_step,
+        "tracking_seconds": outcome.tracking_seconds,
+    }
+    if rt.is_main:
+        models.save_model(task.model.encoder, out_dir, extra={"stage": "pretrain",
+                                                               "metrics": metrics})
+        write_history_csv(outcome.history, plots_csv)
+        plot_history(outcome.history, {"loss": ["train_loss"],
+                                       "accuracy": ["knn_acc", "train_contrastive_acc"],
+                                       "learning rate": ["lr"]}, curves_png,
+                     "SimCLR pretraining")
+    rt.barrier()
+    if rt.is_main:
+        ckpt.clear()
+    rt.close()
+    return PretrainResult(metrics, outcome.history)
