@@ -168,6 +168,9 @@ class PrepareParams(Section):
 class SupervisedAugParams(Section):
     crop: Literal["translate", "resized", "none"] = "translate"
     translate_px: int = Field(1, ge=0, le=64, description="max shift for crop: translate")
+    translate_padding: Literal["reflect", "zeros"] = Field(
+        "reflect", description="what a translate shifts in at the border (pad-and-crop's padding)"
+    )
     resized_scale: tuple[float, float] = (0.35, 1.0)
     flip: bool = False
     auto: Literal["none", "randaugment", "trivialaugment"] = "none"
@@ -197,6 +200,14 @@ class SslAugParams(Section):
     grayscale_p: Probability = 0.2
     blur_p: Probability = 0.0
     blur_sigma: tuple[float, float] = (0.1, 2.0)
+    blur_kernel: int = Field(3, ge=3, le=63, description="odd Gaussian kernel side in pixels")
+
+    @field_validator("blur_kernel")
+    @classmethod
+    def _odd(cls, value: int) -> int:
+        if value % 2 == 0:
+            raise ValueError("expected an odd kernel size")
+        return value
 
     @field_validator("crop_scale")
     @classmethod
@@ -319,6 +330,10 @@ class QuantizeParams(Section):
     )
     qat_epochs: int = Field(2, ge=1, le=100)
     qat_lr: float = Field(1e-3, gt=0)
+    qat_batch_size: int = Field(64, ge=2, le=65_536)
+    reduce_range: bool = Field(
+        False, description="7-bit activations: avoids int16 saturation on x86 CPUs without VNNI"
+    )
 
 
 # -------------------------------------------------------------------- evaluation
@@ -337,10 +352,14 @@ class LatencyParams(Section):
     warmup: int = Field(10, ge=0)
     iterations: int = Field(100, ge=5)
     throughput_batch: int = Field(64, ge=1)
+    throughput_iterations: int = Field(10, ge=1, description="timed batches for throughput")
 
 
 class EvaluateParams(Section):
     calibration_bins: int = Field(15, ge=2, le=100)
+    batch_size: int = Field(
+        256, ge=1, le=65_536, description="prediction batch; fixed, so compiled models compile once"
+    )
     corruptions: CorruptionParams = CorruptionParams()
     latency: LatencyParams = LatencyParams()
 

@@ -109,6 +109,18 @@ def _prepare(params: Params, args: argparse.Namespace) -> None:
         _finish(stage.name, run, result.metrics())
 
 
+def _augment(params: Params, args: argparse.Namespace) -> None:
+    from refinery.augment import augment
+
+    stage = stage_named("augment")
+    with _tracked(stage, params) as run:
+        result = augment(params.augment, prepared_dir=paths.PREPARED, out_dir=paths.AUGMENT,
+                         seed=params.seed)
+        run.log_artifact(result.policies_path)
+        run.log_artifact(result.preview_path)
+        _finish(stage.name, run, result.metrics())
+
+
 def _pretrain(params: Params, args: argparse.Namespace) -> None:
     from refinery.training.pretrain import pretrain
 
@@ -201,6 +213,13 @@ STAGES: tuple[Stage, ...] = (
         "split train/val, pick the labeled subset, pack uint8 tensors",
         ("seed", "images", "prepare"),
         _prepare,
+    ),
+    Stage(
+        "augment",
+        "augment",
+        "resolve the augmentation policies against the prepared images; preview grid",
+        ("seed", "augment"),
+        _augment,
     ),
     Stage(
         "pretrain",
