@@ -34,3 +34,14 @@ def shared_cifar() -> Path:
     if not SHARED_CIFAR.exists():
         pytest.skip(f"shared CIFAR-10 archive not found at {SHARED_CIFAR}")
     return SHARED_CIFAR
+
+
+@pytest.fixture
+def loopback_server(monkeypatch: pytest.MonkeyPatch):
+    """A real HTTP server on 127.0.0.1 with scriptable faults (see ``tests/loopback.py``)."""
+    from loopback import LoopbackServer
+
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")  # a CI proxy must not see loopback
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+    with LoopbackServer() as server:
+        yield server

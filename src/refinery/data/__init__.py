@@ -1,0 +1,1 @@
+"""Data stages: download, validate, prepare, and the raw/prepared layouts they share."""
