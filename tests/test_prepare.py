@@ -1,0 +1,236 @@
+"""The prepare stage: stratified splits, the labeled subset, train-only statistics,
+byte-identical outputs for a seed, and refusal of a manifest that no longer matches."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from rawdata import Extra, Spec, encode, files_dataset, picture
+
+from refinery.data import manifest as manifest_mod
+from refinery.data.prepare import (
+    channel_stats,
+    labeled_subset,
+    prepare,
+    stratified_holdout,
+)
+from refinery.data.prepared import SPLIT_FILES, load_prepared
+from refinery.data.raw import RawDataset, to_pixels
+from refinery.errors import DataValidationFailed
+from refinery.params import ImageParams, PrepareParams
+
+IMAGES = ImageParams(size=8, channels=3)
+SPEC = Spec(per_class={"train": 20, "test": 4})
+OUTPUTS = (*(f"{name}.pt" for name in SPLIT_FILES), "labeled.pt", "meta.json")
+
+
+def write_manifest(root: Path, images: ImageParams = IMAGES, drop_undecodable: bool = False,
+                   ) -> Path:
+    """What a passing ``validate`` leaves (its GX checks are tested in test_validate.py)."""
+    manifest = manifest_mod.build_manifest(RawDataset.load(root / "raw"), images)
+    if drop_undecodable:
+        manifest = manifest[manifest["decodable"]].reset_index(drop=True)
+    assert manifest["decodable"].all()
+    path = root / "manifest.parquet"
+    manifest.to_parquet(path, index=False)
+    return path
+
+
+def run(root: Path, out: str = "prepared", seed: int = 0, images: ImageParams = IMAGES,
+        **changes: float) -> Path:
+    p = PrepareParams(**{"val_fraction": 0.25, "label_fraction": 0.2, **changes})
+    prepare(p, images, seed, raw_dir=root / "raw", manifest_path=root / "manifest.parquet",
+            out_dir=root / out)
+    return root / out
+
+
+@pytest.fixture
+def dataset(tmp_path: Path) -> Path:
+    files_dataset(tmp_path / "raw", SPEC)
+    write_manifest(tmp_path)
+    return tmp_path
+
+
+def per_class(labels: torch.Tensor) -> list[int]:
+    return torch.bincount(labels, minlength=3).tolist()
+
+
+def test_splits_are_stratified_and_complete(dataset: Path) -> None:
+    data = load_prepared(run(dataset))
+    assert per_class(data.train.labels) == [15, 15, 15]
+    assert per_class(data.val.labels) == [5, 5, 5]
+    assert per_class(data.test.labels) == [4, 4, 4]
+    manifest = pd.read_parquet(dataset / "manifest.parquet")
+    ids = data.train.ids + data.val.ids + data.test.ids
+    assert sorted(ids) == sorted(manifest["id"]) and len(set(ids)) == len(ids)
+    assert all(i.startswith("train/") for i in data.train.ids + data.val.ids)
+    assert all(i.startswith("test/") for i in data.test.ids)
+    assert data.train.images.dtype == torch.uint8
+    assert tuple(data.train.images.shape) == (45, 3, 8, 8)
+    assert data.classes == ["cat", "dog", "frog"] and data.size == 8 and data.channels == 3
+    assert data.meta["counts"] == {"train": 45, "val": 15, "test": 12}
+    assert data.meta["seed"] == 0 and data.meta["val_fraction"] == 0.25
+
+
+def test_images_and_labels_match_the_source_files(dataset: Path) -> None:
+    from PIL import Image
+
+    data = load_prepared(run(dataset))
+    for split in (data.train, data.val, data.test):
+        for row in (0, len(split) - 1):
+            image_id = split.ids[row]
+            with Image.open(dataset / "raw" / "files" / image_id) as source:
+                expected = to_pixels(source, 8, 3)
+            assert np.array_equal(split.images[row].permute(1, 2, 0).numpy(), expected)
+            assert data.classes[int(split.labels[row])] == image_id.split("/")[1]
+
+
+def test_packed_dataset(tmp_path: Path) -> None:
+    records = files_dataset(tmp_path / "raw", Spec(per_class={"train": 8, "test": 2},
+                                                   fmt="JPEG"), kind="packed")
+    write_manifest(tmp_path)
+    data = load_prepared(run(tmp_path))
+    raw = RawDataset.load(tmp_path / "raw")
+    where = records.set_index("id")["location"]
+    for split in (data.train, data.val, data.test):
+        image_id = split.ids[0]
+        expected = to_pixels(raw.decode(where[image_id]).image, 8, 3)
+        assert np.array_equal(split.images[0].permute(1, 2, 0).numpy(), expected)
+    assert data.meta["counts"] == {"train": 18, "val": 6, "test": 6}
+
+
+def test_labeled_subset_is_per_class_and_in_train(dataset: Path) -> None:
+    data = load_prepared(run(dataset))
+    assert data.labeled.dtype == torch.int64
+    assert per_class(data.train.labels[data.labeled]) == [3, 3, 3]  # round(15 * 0.2)
+    assert torch.equal(data.labeled, torch.sort(data.labeled).values)
+    assert len(data.unlabeled) == 45 - 9 and data.meta["labeled"] == 9
+
+
+def test_tiny_label_fraction_keeps_one_per_class(dataset: Path) -> None:
+    data = load_prepared(run(dataset, label_fraction=0.001))
+    assert per_class(data.train.labels[data.labeled]) == [1, 1, 1]
+
+
+def test_normalisation_comes_from_train_only(dataset: Path) -> None:
+    data = load_prepared(run(dataset))
+    train = data.train.images.double() / 255.0
+    assert data.mean == pytest.approx(train.mean(dim=(0, 2, 3)).tolist(), abs=1e-12)
+    assert data.std == pytest.approx(train.std(dim=(0, 2, 3), correction=0).tolist(),
+                                     abs=1e-12)
+    everything = torch.cat([data.train.images, data.val.images, data.test.images]).double()
+    assert data.mean != pytest.approx((everything / 255.0).mean(dim=(0, 2, 3)).tolist(),
+                                      abs=1e-6)
+
+
+def test_same_seed_same_bytes_other_seed_other_split(dataset: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    first = run(dataset, "a")
+    monkeypatch.setattr(manifest_mod, "POOL_MIN_RECORDS", 1)  # and on a pool: same bytes
+    monkeypatch.setattr(manifest_mod, "_MAX_CHUNK", 5)
+    second = prepare(PrepareParams(val_fraction=0.25, label_fraction=0.2), IMAGES, 0,
+                     raw_dir=dataset / "raw", manifest_path=dataset / "manifest.parquet",
+                     out_dir=dataset / "b", workers=2)
+    assert second.counts == {"train": 45, "val": 15, "test": 12}
+    for name in OUTPUTS:
+        assert (first / name).read_bytes() == (dataset / "b" / name).read_bytes(), name
+    other = load_prepared(run(dataset, "c", seed=1))
+    assert set(other.val.ids) != set(load_prepared(first).val.ids)
+
+
+def test_result_metrics(dataset: Path) -> None:
+    p = PrepareParams(val_fraction=0.25, label_fraction=0.2)
+    result = prepare(p, IMAGES, 0, raw_dir=dataset / "raw",
+                     manifest_path=dataset / "manifest.parquet", out_dir=dataset / "out")
+    metrics = result.metrics()
+    assert metrics["train_images"] == 45 and metrics["val_images"] == 15
+    assert metrics["test_images"] == 12 and metrics["labeled_images"] == 9
+    assert metrics["unlabeled_images"] == 36 and metrics["classes"] == 3
+    assert metrics["seconds"] > 0
+
+
+def test_only_manifest_rows_are_used(tmp_path: Path) -> None:
+    bad = Extra("train", "cat", "broken.jpg", b"not an image")
+    files_dataset(tmp_path / "raw", SPEC, extras=[bad])
+    write_manifest(tmp_path, drop_undecodable=True)
+    data = load_prepared(run(tmp_path))
+    assert "train/cat/broken.jpg" not in data.train.ids + data.val.ids
+    assert data.meta["counts"]["train"] + data.meta["counts"]["val"] == 60
+
+
+def test_changed_image_since_validation_is_refused(dataset: Path) -> None:
+    target = dataset / "raw" / "files" / "train" / "dog" / "0002.png"
+    target.write_bytes(encode(picture(np.random.default_rng(42), 10, 3, 1), "PNG"))
+    with pytest.raises(DataValidationFailed, match=r"train/dog/0002.png \(pixels differ"):
+        run(dataset)
+    assert not (dataset / "prepared").exists()
+
+
+def test_other_image_params_than_validated_are_refused(dataset: Path) -> None:
+    with pytest.raises(DataValidationFailed, match="run the validate stage again"):
+        run(dataset, images=ImageParams(size=16, channels=3))
+
+
+def test_failed_prepare_keeps_the_previous_output(dataset: Path) -> None:
+    out = run(dataset)
+    before = {name: (out / name).read_bytes() for name in OUTPUTS}
+    (dataset / "raw" / "files" / "test" / "cat" / "0001.png").unlink()
+    with pytest.raises(DataValidationFailed, match="file not found"):
+        run(dataset)
+    assert {name: (out / name).read_bytes() for name in OUTPUTS} == before
+
+
+# ------------------------------------------------------------------ the helpers
+
+
+def test_stratified_holdout_small_classes() -> None:
+    labels = np.array([0] * 10 + [1] * 2 + [2])
+    held = stratified_holdout(labels, 0.25, np.random.default_rng(0))
+    assert held[labels == 0].sum() == 3  # round(2.5) up, not to even
+    assert held[labels == 1].sum() == 1  # at least one each side
+    assert held[labels == 2].sum() == 0  # a singleton stays in train
+
+
+def test_labeled_subset_caps_at_class_size() -> None:
+    labels = np.array([0] * 4 + [1])
+    picked = labeled_subset(labels, 1.0, np.random.default_rng(0))
+    assert picked.tolist() == [0, 1, 2, 3, 4]
+
+
+def test_channel_stats_are_exact() -> None:
+    pixels = np.random.default_rng(0).integers(0, 256, (7, 5, 5, 3), dtype=np.uint8)
+    mean, std = channel_stats(pixels)
+    values = pixels.astype(np.float64) / 255.0
+    assert mean == pytest.approx(values.mean(axis=(0, 1, 2)).tolist(), abs=1e-12)
+    assert std == pytest.approx(values.std(axis=(0, 1, 2)).tolist(), abs=1e-12)
+
+
+# ------------------------------------------------------------- the real data set
+
+
+@pytest.mark.slow
+def test_shared_cifar10_validates_and_prepares(tmp_path: Path, shared_cifar: Path) -> None:
+    """The whole CIFAR-10 JPEG archive through download -> validate -> prepare (~1 min)."""
+    from refinery.data.download import download
+    from refinery.data.validate import validate
+    from refinery.params import DownloadParams, ValidateParams
+
+    download(DownloadParams(source="image-folder", url=str(shared_cifar)),
+             tmp_path / "raw", tmp_path / "downloads", seed=0)
+    images = ImageParams(size=32, channels=3)
+    checked = validate(ValidateParams(rows={"train": (45000, 55000), "test": (9000, 11000)},
+                                      min_class_fraction=0.08),
+                       images, tmp_path / "raw", tmp_path / "manifest.parquet",
+                       tmp_path / "reports")
+    assert checked.success, checked.summary()
+    metrics = checked.metrics()
+    assert (metrics["rows_train"], metrics["rows_test"]) == (50000, 10000)
+    assert metrics["undecodable"] == metrics["leaked_test_images"] == 0
+    data = load_prepared(run(tmp_path, images=images, val_fraction=0.1, label_fraction=0.1))
+    assert data.meta["counts"] == {"train": 45000, "val": 5000, "test": 10000}
+    assert torch.bincount(data.train.labels[data.labeled]).tolist() == [450] * 10
+    assert data.mean == pytest.approx([0.4914, 0.4822, 0.4465], abs=0.005)  # the known values
