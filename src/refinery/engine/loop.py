@@ -233,7 +233,7 @@ class Trainer:
                                desc=f"{spec.stage} {epoch + 1}/{spec.epochs}",
                                disable=not rt.is_main or progress.disabled())
             tick = time.perf_counter()
-            seen = 0
+            seen, epoch_train_seconds = 0, 0.0
             for step in range(first, self.steps_per_epoch):
                 factor = lr_factor(spec.optim.schedule, global_step, self.total_steps,
                                    self.warmup_steps)
@@ -266,17 +266,20 @@ class Trainer:
                     self._log({"step/loss": loss_now, "step/lr": lr}, global_step)
                 if spec.checkpoint_every and global_step % spec.checkpoint_every == 0 \
                         and step + 1 < self.steps_per_epoch:
-                    train_seconds += self._elapsed(tick)
+                    elapsed = self._elapsed(tick)
+                    train_seconds += elapsed
+                    epoch_train_seconds += elapsed
                     self._save(epoch, step + 1, global_step, sums, history, train_seconds)
                     tick = time.perf_counter()
-            train_seconds += self._elapsed(tick)
-            epoch_seconds = time.perf_counter() - tick
+            elapsed = self._elapsed(tick)
+            train_seconds += elapsed
+            epoch_train_seconds += elapsed
             bar.close()
             record = {"epoch": epoch + 1, "lr": lr, "train_seconds": train_seconds}
             record.update({f"train_{k}": v for k, v in
                            self._reduce_mean(sums, self.steps_per_epoch).items()})
             if seen:
-                record["samples_per_second"] = seen / max(epoch_seconds, 1e-9)
+                record["samples_per_second"] = seen / max(epoch_train_seconds, 1e-9)
             last = epoch + 1 == spec.epochs
             if last or (epoch + 1) % spec.eval_every == 0:
                 self.raw.eval()

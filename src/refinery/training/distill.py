@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from refinery import models
-from refinery.augment import load_policies
+from refinery.augment import SupervisedPolicy, load_policies
 from refinery.data.prepared import load_prepared
 from refinery.engine import (
     Batch,
@@ -64,7 +64,7 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: 
 
 class DistillTask:
     def __init__(self, student: models.ImageClassifier, teacher: models.ImageClassifier,
-                 rt: Runtime, train: DeviceData, policy: object, temperature: float,
+                 rt: Runtime, train: DeviceData, policy: SupervisedPolicy, temperature: float,
                  alpha: float, val: tuple[DeviceData, torch.Tensor], eval_every: int,
                  epochs: int) -> None:
         self.model = student

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from refinery import models
-from refinery.augment import load_policies
+from refinery.augment import SupervisedPolicy, load_policies
 from refinery.data.prepared import PreparedData, load_prepared
 from refinery.engine import (
     Batch,
@@ -44,7 +44,7 @@ class ClassifierTask:
     """Cross-entropy on augmented labeled images (MixUp/CutMix give soft targets)."""
 
     def __init__(self, model: models.ImageClassifier, rt: Runtime, train: DeviceData,
-                 policy: object, label_smoothing: float, num_classes: int,
+                 policy: SupervisedPolicy, label_smoothing: float, num_classes: int,
                  monitors: dict[str, tuple[DeviceData, torch.Tensor]],
                  eval_every: int, epochs: int, frozen_backbone: bool = False) -> None:
         self.model = model
@@ -64,11 +64,10 @@ class ClassifierTask:
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if self.frozen_backbone:
             models.unwrap(model).backbone.eval()  # a linear probe keeps BN statistics fixed
-        params = self.policy.sample(len(batch.indices), generator, self.rt.device)
+        params = self.policy.sample(len(batch.indices), generator, self.rt.device)[batch.local]
         local = batch.local_indices
-        images = self.policy.apply(self.train.images(local), params[batch.local])
-        labels = self.train.labels(local)
-        images, targets = self.policy.mix(images, labels, self.num_classes, generator)
+        images = self.policy.apply(self.train.images(local), params)
+        images, targets = self.policy.mix(images, self.train.labels(local), params)
         if self.rt.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         logits = model(images)

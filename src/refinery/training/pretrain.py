@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from refinery import models
-from refinery.augment import load_policies
+from refinery.augment import SslPolicy, load_policies
 from refinery.data.prepared import load_prepared
 from refinery.engine import (
     Batch,
@@ -84,7 +84,7 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float, rt: Runtime 
 
 
 class PretrainTask:
-    def __init__(self, model: SimCLR, rt: Runtime, train: DeviceData, policy: object,
+    def __init__(self, model: SimCLR, rt: Runtime, train: DeviceData, policy: SslPolicy,
                  temperature: float, knn_bank: DeviceData, knn_bank_labels: torch.Tensor,
                  knn_query: DeviceData, knn_query_labels: torch.Tensor, num_classes: int,
                  knn_k: int, knn_every: int, epochs: int) -> None:
@@ -102,12 +102,9 @@ class PretrainTask:
 
     def loss(self, model: nn.Module, batch: Batch, generator: torch.Generator
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        n = len(batch.indices)
-        first = self.policy.sample(n, generator, self.rt.device)
-        second = self.policy.sample(n, generator, self.rt.device)
-        images = self.train.images(batch.local_indices)
-        views = torch.cat([self.policy.apply(images, first[batch.local]),
-                           self.policy.apply(images, second[batch.local])])
+        params = self.policy.sample(len(batch.indices), generator, self.rt.device)
+        views = torch.cat(self.policy.apply(self.train.images(batch.local_indices),
+                                            params[batch.local]))
         if self.rt.channels_last:
             views = views.contiguous(memory_format=torch.channels_last)
         z1, z2 = model(views).chunk(2)
