@@ -20,6 +20,7 @@ STUDENT = MODELS / "student"
 STUDENT_INT8 = MODELS / "student-int8"
 
 REPORTS = Path("reports")
+EVALUATION_METRICS = REPORTS / "metrics.json"  # evaluate: every model's numbers (DVC metrics)
 METRICS = Path("metrics")
 PLOTS = Path("plots")
 CHECKPOINTS = Path("checkpoints")

@@ -176,6 +176,48 @@ def _distill(params: Params, args: argparse.Namespace) -> None:
                                 paths.STUDENT / "config.json"])
 
 
+def _quantize(params: Params, args: argparse.Namespace) -> None:
+    from refinery.quantize import quantize_student
+
+    stage = stage_named("quantize")
+    with _tracked(stage, params) as run:
+        result = quantize_student(params.quantize, params.seed, prepared_dir=paths.PREPARED,
+                                  student_dir=paths.STUDENT, out_dir=paths.STUDENT_INT8)
+        run.log_artifact(paths.STUDENT_INT8 / "meta.json")
+        _finish(stage.name, run, result.metrics())
+
+
+def _evaluate(params: Params, args: argparse.Namespace) -> None:
+    from refinery import models, registry, tracking
+    from refinery.data.prepared import load_split
+    from refinery.evaluation.stage import evaluate
+
+    stage = stage_named("evaluate")
+    report_dir = paths.reports_dir("evaluate")
+    int8 = paths.STUDENT_INT8 / "model.pt2"
+    with _tracked(stage, params) as run:
+        result = evaluate(
+            params.evaluate, params.seed, prepared_dir=paths.PREPARED,
+            model_dirs={"scratch": paths.SCRATCH, "teacher": paths.TEACHER,
+                        "student": paths.STUDENT},
+            int8_path=int8, out_dir=report_dir, plots_dir=paths.PLOTS / "evaluate")
+        metrics = result.metrics()
+        fsutil.write_json(paths.EVALUATION_METRICS, metrics)
+        run.log_metrics(tracking.flatten(metrics))
+        test = load_split(paths.PREPARED / "test.pt")
+        int8_report = result.reports["student_int8"]
+        registry.register(
+            run, params.registry, models.load_model(paths.TEACHER), int8,
+            example=(test.images[:2].float() / 255).numpy(),
+            candidate=registry.Candidate(
+                accuracy=int8_report.accuracy,
+                latency_p50_ms=int8_report.cost.latency.p50_ms,
+                teacher_accuracy=result.reports["teacher"].accuracy),
+            tags={"mlflow_run_id": run.run_id},
+            out_file=report_dir / "registry.json")
+        run.log_artifacts(report_dir, "evaluation")
+
+
 def _finish_main(stage: str, run: Any, metrics: Mapping[str, float],
                  artifacts: list[Any] = ()) -> None:
     """Like :func:`_finish`, on rank 0 only (the others wrote nothing)."""
@@ -252,6 +294,20 @@ STAGES: tuple[Stage, ...] = (
         "distill the teacher into the small student (labeled + unlabeled images)",
         ("seed", "model.student", "engine", "distill"),
         _distill,
+    ),
+    Stage(
+        "quantize",
+        "quantize",
+        "int8 static quantization of the student (PT2E, x86), QAT if PTQ loses too much",
+        ("seed", "quantize"),
+        _quantize,
+    ),
+    Stage(
+        "evaluate",
+        "evaluate",
+        "score every model on test (accuracy, calibration, robustness, cost); registry gate",
+        ("seed", "evaluate", "registry"),
+        _evaluate,
     ),
 )
 

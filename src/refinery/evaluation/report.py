@@ -1,0 +1,225 @@
+"""One model's evaluation report, and the table that lines models up.
+
+``evaluate_model`` takes a *prediction callable* (float images in [0, 1],
+NCHW, on the CPU -> logits), so an fp32 ``nn.Module``, a compiled module or a
+loaded int8 ``.pt2`` are scored by the same code on the same images. Files
+land in ``out_dir/<name>/``::
+
+    metrics.json      flat numbers (also what DVC/MLflow log)
+    per_class.json    precision, recall, F1, support per class
+    calibration.json  reliability-diagram bins
+    cost.json         size, latency and throughput, with the thread count
+    confusion.png     confusion matrix with class names
+    reliability.png   reliability diagram with the ECE
+
+The folder is written as a whole (temporary sibling, then renamed), so a
+crash never leaves a half report behind.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from refinery import fsutil
+from refinery.evaluation import corruptions, metrics
+from refinery.evaluation.cost import Cost, measure_cost
+from refinery.params import EvaluateParams
+
+Predict = Callable[[torch.Tensor], torch.Tensor]
+Transform = Callable[[torch.Tensor, int], torch.Tensor]  # (float batch, batch index) -> batch
+
+
+def _batches(images: torch.Tensor, batch_size: int) -> Iterator[tuple[int, torch.Tensor]]:
+    for index, start in enumerate(range(0, images.shape[0], batch_size)):
+        yield index, images[start : start + batch_size].float().div_(255.0)
+
+
+def predict_logits(predict: Predict, images_uint8: torch.Tensor, batch_size: int,
+                   transform: Transform | None = None) -> torch.Tensor:
+    """Logits ``(N, K)`` (float, CPU) over uint8 images, in fixed-size batches."""
+    outputs = []
+    with torch.no_grad():
+        for index, batch in _batches(images_uint8, batch_size):
+            if transform is not None:
+                batch = transform(batch, index)
+            outputs.append(predict(batch).detach().float().cpu())
+    return torch.cat(outputs)
+
+
+def batch_seed(seed: int, batch_index: int) -> int:
+    """Seed of one batch's noise: fixed per (seed, batch), the same for every model."""
+    return seed * 1_000_003 + batch_index
+
+
+@dataclass(frozen=True)
+class ModelReport:
+    name: str
+    accuracy: float
+    macro_precision: float
+    macro_recall: float
+    macro_f1: float
+    ece: float
+    corruption_accuracy: dict[str, float]
+    per_class: dict[str, dict[str, float]]
+    images: int
+    cost: Cost = field(default_factory=Cost)
+    directory: Path | None = None
+
+    def metrics(self) -> dict[str, float]:
+        """Flat numbers for metrics files and experiment tracking (accuracies 0..1)."""
+        out: dict[str, float] = {
+            "accuracy": self.accuracy,
+            "macro_precision": self.macro_precision,
+            "macro_recall": self.macro_recall,
+            "macro_f1": self.macro_f1,
+            "ece": self.ece,
+        }
+        out.update({f"accuracy_{k}": v for k, v in self.corruption_accuracy.items()})
+        cost = self.cost
+        if cost.parameters is not None:
+            out["parameters"] = float(cost.parameters)
+        if cost.file_mb is not None:
+            out["file_mb"] = cost.file_mb
+        if cost.latency is not None:
+            out.update(latency_p50_ms=cost.latency.p50_ms, latency_p95_ms=cost.latency.p95_ms,
+                       cpu_threads=float(cost.latency.threads))
+        if cost.throughput is not None:
+            out["cpu_images_per_s"] = cost.throughput.images_per_s
+        if cost.gpu_throughput is not None:
+            out["gpu_images_per_s"] = cost.gpu_throughput.images_per_s
+        return out
+
+
+def evaluate_model(
+    predict: Predict,
+    images_uint8: torch.Tensor,
+    labels: torch.Tensor,
+    classes: list[str] | tuple[str, ...],
+    params: EvaluateParams,
+    out_dir: str | Path,
+    name: str,
+    *,
+    seed: int = 0,
+    cost_predict: Predict | None = None,
+    parameters: int | None = None,
+    file: str | Path | None = None,
+    gpu_predict: Predict | None = None,
+) -> ModelReport:
+    """Score one model on clean and corrupted test images; write its report files.
+
+    ``cost_predict`` (often ``predict`` itself) is timed for batch-1 latency and
+    throughput with ``params.latency``; ``parameters`` and ``file`` fill the size
+    columns; ``gpu_predict`` (a CUDA model) adds bf16 GPU throughput when CUDA
+    is available.
+    """
+    if images_uint8.dtype != torch.uint8 or images_uint8.dim() != 4:
+        raise ValueError("images must be uint8 (N, C, H, W)")
+    if images_uint8.shape[0] != labels.shape[0] or labels.numel() == 0:
+        raise ValueError("need one label per image and at least one image")
+    if int(labels.min()) < 0 or int(labels.max()) >= len(classes):
+        raise ValueError(f"labels must be in 0..{len(classes) - 1}")
+    batch = params.batch_size
+    logits = predict_logits(predict, images_uint8, batch)
+    scores = metrics.classification_metrics(logits, labels, classes)
+    cal = metrics.calibration(metrics.softmax(logits), labels, params.calibration_bins)
+
+    robust: dict[str, float] = {}
+    for corruption in corruptions.CORRUPTIONS:
+        def transform(x: torch.Tensor, index: int, corruption: str = corruption) -> torch.Tensor:
+            return corruptions.corrupt(corruption, x, params.corruptions, batch_seed(seed, index))
+
+        robust[corruption] = metrics.accuracy(
+            predict_logits(predict, images_uint8, batch, transform), labels
+        )
+
+    channels, height, width = (int(d) for d in images_uint8.shape[1:])
+    cost = measure_cost(cost_predict, (channels, height, width), params.latency,
+                        parameters=parameters, file=file, gpu_predict=gpu_predict)
+    target = Path(out_dir) / name
+    report = ModelReport(
+        name=name, accuracy=scores.accuracy, macro_precision=scores.macro_precision,
+        macro_recall=scores.macro_recall, macro_f1=scores.macro_f1, ece=cal.ece,
+        corruption_accuracy=robust, per_class=scores.per_class,
+        images=int(labels.shape[0]), cost=cost, directory=target,
+    )
+    with fsutil.atomic_dir(target) as tmp:
+        fsutil.write_json(tmp / "metrics.json", report.metrics())
+        fsutil.write_json(tmp / "per_class.json", scores.per_class)
+        fsutil.write_json(tmp / "calibration.json", cal.to_json())
+        fsutil.write_json(tmp / "cost.json", cost.to_json())
+        metrics.plot_confusion(scores.confusion, classes, tmp / "confusion.png",
+                               title=f"{name}: confusion matrix")
+        metrics.plot_reliability(cal, tmp / "reliability.png", title=name)
+    return report
+
+
+# ---------------------------------------------------------------- comparison
+
+
+def _columns(reports: list[ModelReport]) -> list[tuple[str, Callable[[ModelReport], Any], str]]:
+    """(header, value getter, format) per column; formats apply to the markdown only."""
+    names: list[str] = []
+    for report in reports:
+        names.extend(k for k in report.corruption_accuracy if k not in names)
+
+    def get(path: str) -> Callable[[ModelReport], Any]:
+        def read(report: ModelReport) -> Any:
+            node: Any = report.cost
+            for part in path.split("."):
+                node = getattr(node, part, None) if node is not None else None
+            return node
+        return read
+
+    columns: list[tuple[str, Callable[[ModelReport], Any], str]] = [
+        ("accuracy %", lambda r: 100 * r.accuracy, ".2f"),
+        ("macro F1 %", lambda r: 100 * r.macro_f1, ".2f"),
+        ("ECE", lambda r: r.ece, ".4f"),
+    ]
+    for key in names:
+        columns.append((f"{key} acc %", lambda r, key=key: _pct(r.corruption_accuracy.get(key)),
+                        ".2f"))
+    columns += [
+        ("params", get("parameters"), ",d"),
+        ("file MB", get("file_mb"), ".3f"),
+        ("p50 ms (b1)", get("latency.p50_ms"), ".2f"),
+        ("p95 ms (b1)", get("latency.p95_ms"), ".2f"),
+        ("CPU img/s", get("throughput.images_per_s"), ",.0f"),
+        ("batch", get("throughput.batch"), "d"),
+        ("threads", get("latency.threads"), "d"),
+    ]
+    if any(r.cost.gpu_throughput is not None for r in reports):
+        columns.append(("GPU img/s (bf16)", get("gpu_throughput.images_per_s"), ",.0f"))
+    return columns
+
+
+def _pct(value: float | None) -> float | None:
+    return None if value is None else 100 * value
+
+
+def comparison_table(reports: list[ModelReport]) -> tuple[str, str]:
+    """All models side by side: ``(markdown, csv)``; rows are models.
+
+    Markdown rounds for reading; the CSV keeps full precision. A figure that
+    was not measured for a model is blank (CSV) or an en dash (markdown).
+    """
+    columns = _columns(reports)
+    headers = ["model", *(c[0] for c in columns)]
+    md_rows = ["| " + " | ".join(headers) + " |",
+               "|" + "|".join(["---"] + ["---:"] * len(columns)) + "|"]
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(headers)
+    for report in reports:
+        values = [getter(report) for _, getter, _ in columns]
+        cells = ["–" if v is None else format(v, fmt) for v, (_, _, fmt) in zip(values, columns,
+                                                                             strict=True)]
+        md_rows.append("| " + " | ".join([report.name, *cells]) + " |")
+        writer.writerow([report.name, *("" if v is None else v for v in values)])
+    return "\n".join(md_rows) + "\n", buffer.getvalue()

@@ -1,0 +1,140 @@
+"""The MLflow model registry: log the models, tag the candidate, gate the champion.
+
+The new int8 student always becomes ``candidate``. It becomes ``champion``
+only if it passes the gate in ``params.registry.gate`` (minimum accuracy,
+maximum drop versus the teacher, maximum batch-1 latency) *and* beats the
+current champion's test accuracy. Every check and its numbers are recorded on
+the model version, on the run and in ``registry.json``, accepted or not.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from refinery import fsutil
+from refinery.params import GateParams, RegistryParams
+
+log = logging.getLogger(__name__)
+
+CANDIDATE, CHAMPION = "candidate", "champion"
+
+
+@dataclass(frozen=True)
+class Candidate:
+    accuracy: float
+    latency_p50_ms: float
+    teacher_accuracy: float
+
+
+@dataclass
+class GateDecision:
+    promote: bool
+    reasons: list[str] = field(default_factory=list)
+    version: str | None = None
+    previous_champion: str | None = None
+    teacher_version: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def decide(candidate: Candidate, gate: GateParams,
+           champion_accuracy: float | None, champion_version: str | None = None
+           ) -> GateDecision:
+    """Apply the gate; every check contributes one human-readable reason."""
+    checks: list[tuple[bool, str]] = []
+    acc, drop = candidate.accuracy, candidate.teacher_accuracy - candidate.accuracy
+    checks.append((acc >= gate.min_accuracy,
+                   f"accuracy {acc:.4f} {'>=' if acc >= gate.min_accuracy else '<'} "
+                   f"min_accuracy {gate.min_accuracy:.4f}"))
+    checks.append((drop <= gate.max_drop_vs_teacher,
+                   f"drop vs teacher {drop:.4f} "
+                   f"{'<=' if drop <= gate.max_drop_vs_teacher else '>'} "
+                   f"max_drop_vs_teacher {gate.max_drop_vs_teacher:.4f}"))
+    latency = candidate.latency_p50_ms
+    checks.append((latency <= gate.max_latency_ms,
+                   f"batch-1 p50 latency {latency:.2f} ms "
+                   f"{'<=' if latency <= gate.max_latency_ms else '>'} "
+                   f"max_latency_ms {gate.max_latency_ms:.2f}"))
+    if champion_accuracy is None:
+        checks.append((True, "no current champion"))
+    else:
+        beats = acc > champion_accuracy
+        checks.append((beats, f"accuracy {acc:.4f} {'beats' if beats else 'does not beat'} "
+                              f"champion v{champion_version} ({champion_accuracy:.4f})"))
+    return GateDecision(promote=all(ok for ok, _ in checks),
+                        reasons=[("pass: " if ok else "FAIL: ") + text for ok, text in checks],
+                        previous_champion=champion_version)
+
+
+def _requirements() -> list[str]:
+    import mlflow
+
+    return [f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}",
+            f"numpy=={np.__version__}"]
+
+
+def _champion(client: Any, name: str) -> tuple[float | None, str | None]:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        version = client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        return None, None
+    value = version.tags.get("test_accuracy")
+    return (float(value) if value is not None else None), version.version
+
+
+def register(run: Any, reg: RegistryParams, teacher: torch.nn.Module, int8_program: Path,
+             example: np.ndarray, candidate: Candidate, tags: dict[str, str],
+             out_file: Path) -> GateDecision:
+    """Log teacher and int8 student as registered MLflow models; gate the champion alias."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from refinery import int8_pyfunc
+
+    with run.active():
+        teacher_info = mlflow.pytorch.log_model(
+            teacher.eval(), name="teacher", input_example=example,
+            registered_model_name=reg.teacher_name, pip_requirements=_requirements())
+        student_info = mlflow.pyfunc.log_model(
+            name="student_int8", python_model=int8_pyfunc.__file__,
+            artifacts={"program": str(int8_program)}, input_example=example,
+            registered_model_name=reg.student_name, pip_requirements=_requirements())
+    client = MlflowClient()
+    version = str(student_info.registered_model_version)
+    champion_accuracy, champion_version = _champion(client, reg.student_name)
+    decision = decide(candidate, reg.gate, champion_accuracy, champion_version)
+    decision.version = version
+    decision.teacher_version = str(teacher_info.registered_model_version)
+    version_tags = {
+        "test_accuracy": f"{candidate.accuracy:.6f}",
+        "latency_p50_ms": f"{candidate.latency_p50_ms:.4f}",
+        "teacher_accuracy": f"{candidate.teacher_accuracy:.6f}",
+        "gate": "passed" if decision.promote else "refused",
+        "gate_reasons": "; ".join(decision.reasons),
+        **tags,
+    }
+    for key, value in version_tags.items():
+        client.set_model_version_tag(reg.student_name, version, key, value)
+    client.set_model_version_tag(reg.teacher_name, decision.teacher_version, "test_accuracy",
+                                 f"{candidate.teacher_accuracy:.6f}")
+    client.set_registered_model_alias(reg.student_name, CANDIDATE, version)
+    if decision.promote:
+        client.set_registered_model_alias(reg.student_name, CHAMPION, version)
+    log.info("registry: %s v%s %s (%s)", reg.student_name, version,
+             "promoted to champion" if decision.promote else "stays candidate",
+             "; ".join(decision.reasons))
+    run.set_tags({"registry.student_version": version,
+                  "registry.decision": "champion" if decision.promote else "candidate",
+                  "registry.reasons": "; ".join(decision.reasons)[:5000]})
+    fsutil.write_json(out_file, {"student_model": reg.student_name,
+                                 "teacher_model": reg.teacher_name, **decision.to_json()})
+    return decision
