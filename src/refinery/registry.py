@@ -88,7 +88,7 @@ def _champion(client: Any, name: str) -> tuple[float | None, str | None]:
     except MlflowException:
         return None, None
     value = version.tags.get("test_accuracy")
-    return (float(value) if value is not None else None), version.version
+    return (float(value) if value is not None else None), str(version.version)
 
 
 def register(run: Any, reg: RegistryParams, teacher: torch.nn.Module, int8_program: Path,
