@@ -13,7 +13,6 @@ import textwrap
 from pathlib import Path
 
 import pytest
-
 from workspace import TINY_TRAINING, build_data, run_cli, write_params
 
 pytestmark = pytest.mark.slow

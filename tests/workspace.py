@@ -28,7 +28,7 @@ TINY_TRAINING: dict[str, Any] = {
     "pretrain.epochs": 2,
     "pretrain.batch_size": 128,
     "pretrain.knn_every": 1,
-    "finetune.epochs": 4,
+    "finetune.epochs": 12,
     "finetune.batch_size": 32,
     "distill.epochs": 2,
     "distill.batch_size": 128,
