@@ -89,9 +89,9 @@ def test_gate_accepts_then_refuses_and_champion_loads_fresh(
         import json, sys
         import mlflow, numpy as np, torch
         from mlflow.tracking import MlflowClient
-        client = MlflowClient()
-        assert client.get_model_version_by_alias("refinery-student-int8", "champion").version == "1"
-        assert client.get_model_version_by_alias("refinery-student-int8", "candidate").version == "2"
+        alias = MlflowClient().get_model_version_by_alias
+        assert str(alias("refinery-student-int8", "champion").version) == "1"
+        assert str(alias("refinery-student-int8", "candidate").version) == "2"
         model = mlflow.pyfunc.load_model("models:/refinery-student-int8@champion")
         test = torch.load("data/prepared/test.pt", weights_only=True)
         probs = model.predict((test["images"].float() / 255).numpy())
