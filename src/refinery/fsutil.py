@@ -33,11 +33,14 @@ def _fsync_dir(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
+def atomic_path(target: str | os.PathLike[str], durable: bool = True) -> Iterator[Path]:
     """Yield a temporary path next to ``target``; rename it onto ``target`` on success.
 
     The temporary file is removed if the body raises, so a failure leaves the
-    previous ``target`` (or nothing) behind, never a partial file.
+    previous ``target`` (or nothing) behind, never a partial file. The rename
+    alone makes the write atomic for any process crash; ``durable`` also
+    fsyncs, which only matters if the machine itself loses power (training
+    checkpoints, rewritten every few seconds, skip it).
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -47,10 +50,12 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp's 0600 would outlive the rename
     try:
         yield tmp_path
-        with contextlib.suppress(OSError), open(tmp_path, "rb+") as fh:
-            os.fsync(fh.fileno())
+        if durable:
+            with contextlib.suppress(OSError), open(tmp_path, "rb+") as fh:
+                os.fsync(fh.fileno())
         os.replace(tmp_path, target)
-        _fsync_dir(target.parent)
+        if durable:
+            _fsync_dir(target.parent)
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()

@@ -57,7 +57,7 @@ class Checkpointer:
         if not self.enabled:
             return
         self.directory.mkdir(parents=True, exist_ok=True)
-        with fsutil.atomic_path(self.path) as tmp:
+        with fsutil.atomic_path(self.path, durable=False) as tmp:
             torch.save({"fingerprint": self.fingerprint, **state}, tmp)
         self.saves += 1
 
