@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from workspace import REPO
 
 from refinery.params import ParamsError, load_params, parse_params
 from refinery.profiles import apply_profile, available
-from workspace import REPO
 
 
 def test_the_shipped_params_file_is_valid() -> None:
