@@ -85,7 +85,7 @@ def test_a_bad_override_leaves_params_untouched(tmp_path: Path) -> None:
     target = tmp_path / "params.yaml"
     shutil.copy(REPO / "params.yaml", target)
     before = target.read_bytes()
-    with pytest.raises(ParamsError, match="images.size"):
+    with pytest.raises(ParamsError, match=r"images\.size"):
         apply_profile(target, None, ["images.size=2"])
     with pytest.raises(ParamsError, match="no profile 'imagenet'"):
         apply_profile(target, "imagenet")
