@@ -37,6 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
             stage_parser.add_argument(flag, **kwargs)
     check = sub.add_parser("check-params", help="validate params.yaml and exit")
     check.set_defaults(_check=True)
+    sync = sub.add_parser(
+        "sync-tracking",
+        help="send runs spooled while the MLflow server was unreachable (tracking.on_unreachable)",
+    )
+    sync.set_defaults(_sync=True)
     return parser
 
 
@@ -48,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if getattr(args, "_sync", False):
+        return _sync_tracking()
     from refinery.params import load_params
     from refinery.stages import stage_for_command
 
@@ -64,4 +71,16 @@ def main(argv: list[str] | None = None) -> int:
     except RefineryError as exc:
         print(f"refinery {args.stage}: {exc}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _sync_tracking() -> int:
+    from refinery.tracking import sync_spool
+
+    try:
+        report = sync_spool()
+    except RefineryError as exc:
+        print(f"refinery sync-tracking: {exc}", file=sys.stderr)
+        return 1
+    print(f"refinery sync-tracking: {report}")
     return 0

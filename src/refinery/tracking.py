@@ -2,13 +2,35 @@
 
 Stages never import mlflow: they get a :class:`StageRun` from
 :func:`stage_run` and log through it. That keeps tracking policy (where the
-store is, how runs nest, how metrics are batched) in one place.
+store is, how runs nest, how metrics are batched, what happens when the
+server is down) in one place.
 
-Layout of runs: every pipeline execution is one *parent* run (tag
-``refinery.role=pipeline``); every stage that executes is a child run of it.
-Stages of one execution find the same parent through a pipeline id: the
-``REFINERY_PIPELINE_ID`` environment variable when an orchestrator sets it,
-else the id of the ``dvc repro``/``dvc exp run`` process that launched them.
+Run tree: every pipeline execution is one *parent* run (tag
+``refinery.role=pipeline``) and every stage that executes is a child of it.
+The stages of one execution find the same parent through a pipeline id: the
+``REFINERY_PIPELINE_ID`` environment variable when an orchestrator sets it
+(the Prefect flow does), else the id of the ``dvc repro``/``dvc exp run``
+process that launched them. The parent carries the full params, the git
+commit, the ``dvc.lock`` hash, the DVC experiment name, the Prefect flow-run
+id, each stage's metrics as ``<stage>.<metric>``, the evaluation's headline
+metrics, and for every stage ``refinery.stage.<name>`` = the run that
+produced its current outputs with ``refinery.stage.<name>.state`` =
+``executed`` or ``reused`` (read from ``lineage/<stage>.json``, see
+:mod:`refinery.lineage`).
+
+Unreachable server: with ``tracking.on_unreachable: fail`` (default) a stage
+raises :class:`TrackingUnavailable` before its work starts; with ``defer`` it
+runs and its records go to the local spool (:mod:`refinery.tracking_spool`).
+A server lost *in the middle* of a stage never stops the stage in either
+mode: the work already under way is worth more than a live dashboard, so the
+rest of its records are spooled, its outputs are written, and with ``fail``
+the *next* stage refuses to start until the server is back.
+
+Beside it: :mod:`refinery.tracking_context` (where records go, who launched
+the execution), :mod:`refinery.tracking_channel` (server or spool, per call),
+:mod:`refinery.tracking_spool` (the spool and its replay) and
+:mod:`refinery.lineage` (which run produced a stage's outputs). Import the
+public names from here.
 """
 
 from __future__ import annotations
@@ -16,132 +38,102 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
-import subprocess
 import time
 import traceback
-import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from refinery import lineage
+from refinery.tracking_channel import (
+    DEFERRED_TAG,
+    ROLE_TAG,
+    STAGE_TAG,
+    Channel,
+    OnUnreachable,
+    RunRef,
+    _param_items,
+    experiment_id,
+    flatten,
+)
+from refinery.tracking_context import (
+    DEFAULT_STORE_DIR,
+    FLOW_RUN_ID_ENV,
+    FLOW_RUN_NAME_ENV,
+    FLOW_RUN_URL_ENV,
+    PIPELINE_ID_ENV,
+    PIPELINE_TAG,
+    RunContext,
+    TrackingUnavailable,
+    check_reachable,
+    default_tracking_uri,
+    dvc_lock_md5,
+    git_commit,
+    is_reachable,
+    pipeline_id,
+    run_url,
+    store_root,
+    tracking_uri,
+    ui_base,
+)
+from refinery.tracking_spool import ReplayReport
+
+__all__ = [
+    "DEFAULT_STORE_DIR", "DEFERRED_TAG", "FLOW_RUN_ID_ENV", "FLOW_RUN_NAME_ENV",
+    "FLOW_RUN_URL_ENV", "PIPELINE_ID_ENV", "PIPELINE_TAG", "ROLE_TAG", "STAGE_TAG", "Channel",
+    "NullRun", "PipelineRecord", "ReplayReport", "RunContext", "RunRef", "StageRecord",
+    "StageRun", "TrackingUnavailable", "begin_pipeline", "check_reachable",
+    "default_tracking_uri", "dvc_lock_md5", "end_pipeline", "experiment_id", "flatten",
+    "git_commit", "is_reachable", "pipeline_id", "run_url", "stage_run", "store_root",
+    "sync_spool", "tracking_uri", "ui_base", "workspace_record",
+]
+
 log = logging.getLogger(__name__)
 
-DEFAULT_STORE_DIR = Path("mlflow")
-PIPELINE_ID_ENV = "REFINERY_PIPELINE_ID"
-ROLE_TAG = "refinery.role"
-STAGE_TAG = "refinery.stage"
-PIPELINE_TAG = "refinery.pipeline_id"
-
-# Keep MLflow quiet and offline by default; users can override any of these.
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
-os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+HEADLINE_METRICS = Path("reports/metrics.json")  # the evaluate stage's headline numbers
+HEADLINE_STAGE = "evaluate"
 
 
-def default_tracking_uri(root: Path | None = None) -> str:
-    root = (root or Path.cwd()).resolve()
-    return f"sqlite:///{root / DEFAULT_STORE_DIR / 'mlflow.db'}"
-
-
-def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
-
-
-def _artifact_location(uri: str) -> str | None:
-    """Artifacts beside the default sqlite store; a remote server decides its own."""
-    if uri.startswith("sqlite:///"):
-        db = Path(uri.removeprefix("sqlite:///"))
-        return (db.parent / "artifacts").as_uri()
-    return None
-
-
-def git_commit(cwd: Path | None = None) -> str | None:
+def _numbers(path: Path, prefix: str = "") -> dict[str, float]:
+    """Numeric leaves of a JSON metrics file, flattened (missing or bad file: none)."""
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, Mapping):
+        return {}
+    return {f"{prefix}{k}": float(v) for k, v in flatten(data).items()
+            if isinstance(v, int | float) and not isinstance(v, bool)}
 
 
-def _dvc_launcher_id() -> str | None:
-    """Identify the ``dvc`` process that launched this stage, if any.
-
-    ``dvc repro`` runs each stage as a child process; all stages of one repro
-    share that ancestor, so its pid and start time name the execution.
-    """
-    try:
-        import psutil
-
-        for proc in psutil.Process().parents():
-            try:
-                cmd = proc.cmdline()
-            except (psutil.AccessDenied, psutil.ZombieProcess):
-                continue
-            words = [Path(part).name for part in cmd[:3]]
-            if "dvc" in words or any(w.startswith("dvc") for w in words[:2]):
-                return f"dvc-{proc.pid}-{int(proc.create_time())}"
-    except Exception:  # psutil missing or /proc unreadable: no launcher id
-        return None
-    return None
-
-
-def pipeline_id() -> str:
-    """The id shared by the stages of one pipeline execution."""
-    explicit = os.environ.get(PIPELINE_ID_ENV)
-    if explicit:
-        return explicit
-    return _dvc_launcher_id() or f"single-{uuid.uuid4().hex[:12]}"
-
-
-def flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists and tuples stay values."""
-    flat: dict[str, Any] = {}
-    for key, value in mapping.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat.update(flatten(value, prefix=f"{name}."))
-        else:
-            flat[name] = value
-    return flat
-
-
-class TrackingUnavailable(RuntimeError):
-    """The tracking server cannot be reached; raised before a stage starts its work."""
-
-
-def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
-    """Fail fast when an HTTP tracking server does not answer its health endpoint."""
-    if not uri.startswith(("http://", "https://")):
-        return
-    import requests
-
-    url = uri.rstrip("/") + "/health"
-    try:
-        response = requests.get(url, timeout=timeout_s)
-    except requests.RequestException as exc:
-        raise TrackingUnavailable(
-            f"MLflow tracking server {uri} is unreachable ({exc.__class__.__name__}). "
-            "Start it, point MLFLOW_TRACKING_URI elsewhere, or set tracking.on_unreachable: defer."
-        ) from None
-    if response.status_code >= 500:
-        raise TrackingUnavailable(f"MLflow tracking server {uri} answered {response.status_code}")
+# ------------------------------------------------------------------------ stage runs
 
 
 @dataclass
 class StageRun:
     """Handle a stage logs through; metrics are buffered and sent in batches."""
 
-    run_id: str
-    parent_run_id: str | None
+    channel: Channel
+    ref: RunRef
+    parent: RunRef
     stage: str
-    client: Any
     _metrics: list[Any] = field(default_factory=list)
     _last_flush: float = field(default_factory=time.monotonic)
     flush_every_s: float = 15.0
+
+    @property
+    def run_id(self) -> str:
+        return self.ref.id
+
+    @property
+    def parent_run_id(self) -> str | None:
+        return self.parent.id or None
+
+    @property
+    def deferred(self) -> bool:
+        """True once any record of this run went to the spool."""
+        return self.ref.spool_id is not None
 
     # -- metrics and params ---------------------------------------------------
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
@@ -156,132 +148,47 @@ class StageRun:
             self.flush()
 
     def flush(self) -> None:
-        """Send buffered metrics in batches of at most 1000 (the server's limit)."""
-        while self._metrics:
-            batch, self._metrics = self._metrics[:1000], self._metrics[1000:]
-            self.client.log_batch(self.run_id, metrics=batch)
+        """Send buffered metrics (batches of at most 1000, the server's limit)."""
+        batch, self._metrics = self._metrics, []
+        self.channel.log_batch(self.ref, metrics=batch)
         self._last_flush = time.monotonic()
 
     def log_params(self, params: Mapping[str, Any]) -> None:
-        from mlflow.entities import Param
-
-        items = [Param(k, json.dumps(v) if isinstance(v, list | tuple | dict) else str(v))
-                 for k, v in flatten(params).items()]
-        for start in range(0, len(items), 100):
-            self.client.log_batch(self.run_id, params=items[start : start + 100])
+        self.channel.log_batch(self.ref, params=_param_items(params))
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
-        from mlflow.entities import RunTag
-
-        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        self.channel.log_batch(self.ref, tags=tags)
 
     # -- artifacts --------------------------------------------------------------
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, str(path), artifact_path)
+        self.channel.call(self.ref, "log_artifact", str(path), artifact_path)
 
     def log_artifacts(self, directory: str | Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifacts(self.run_id, str(directory), artifact_path)
+        self.channel.call(self.ref, "log_artifacts", str(directory), artifact_path)
 
     def log_dict(self, obj: Any, artifact_file: str) -> None:
-        self.client.log_dict(self.run_id, obj, artifact_file)
+        self.channel.call(self.ref, "log_dict", obj, artifact_file)
 
     def log_figure(self, figure: Any, artifact_file: str) -> None:
-        self.client.log_figure(self.run_id, figure, artifact_file)
+        self.channel.call(self.ref, "log_figure", figure, artifact_file)
 
     @contextlib.contextmanager
-    def active(self) -> Iterator[None]:
-        """Make this run MLflow's active run, for APIs (model logging) that need one."""
+    def active(self) -> Iterator[bool]:
+        """Make this run MLflow's active run, for APIs (model logging) that need one.
+
+        Yields ``True`` on the tracking server. While deferred it yields
+        ``False`` and the active run is the spool copy (MLflow's global URIs
+        point at the spool too): what is logged there, e.g. a registered
+        model, stays in the spool store; replay copies run records and
+        artifacts but not registered model versions.
+        """
         import mlflow
 
-        with mlflow.start_run(run_id=self.run_id, nested=mlflow.active_run() is not None):
-            yield
-
-
-def _client() -> Any:
-    from mlflow.tracking import MlflowClient
-
-    import mlflow
-
-    uri = tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    if uri.startswith("sqlite:///"):
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    return MlflowClient(tracking_uri=uri)
-
-
-def experiment_id(client: Any, name: str) -> str:
-    experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    try:
-        return client.create_experiment(name, artifact_location=_artifact_location(tracking_uri()))
-    except Exception:  # created concurrently by another stage
-        experiment = client.get_experiment_by_name(name)
-        if experiment is None:
-            raise
-        return experiment.experiment_id
-
-
-def _find_or_create_parent(client: Any, exp_id: str, pid: str) -> str:
-    found = client.search_runs(
-        [exp_id],
-        filter_string=f"tags.`{PIPELINE_TAG}` = '{pid}' and tags.`{ROLE_TAG}` = 'pipeline'",
-        max_results=1,
-    )
-    if found:
-        return found[0].info.run_id
-    tags = {ROLE_TAG: "pipeline", PIPELINE_TAG: pid, "mlflow.runName": f"pipeline {pid}"}
-    commit = git_commit()
-    if commit:
-        tags["mlflow.source.git.commit"] = commit
-    exp_name = os.environ.get("DVC_EXP_NAME")
-    if exp_name:
-        tags["refinery.dvc_experiment"] = exp_name
-    run = client.create_run(exp_id, tags=tags, run_name=f"pipeline {pid}")
-    return run.info.run_id
-
-
-@contextlib.contextmanager
-def stage_run(
-    stage: str,
-    params: Mapping[str, Any],
-    experiment: str = "refinery",
-    tags: Mapping[str, Any] | None = None,
-) -> Iterator[StageRun]:
-    """Open the MLflow child run of one stage execution and close it with its outcome."""
-    uri = tracking_uri()
-    check_reachable(uri)
-    client = _client()
-    exp_id = experiment_id(client, experiment)
-    pid = pipeline_id()
-    parent = _find_or_create_parent(client, exp_id, pid)
-    run_tags = {
-        ROLE_TAG: "stage",
-        STAGE_TAG: stage,
-        PIPELINE_TAG: pid,
-        "mlflow.parentRunId": parent,
-        "mlflow.runName": stage,
-    }
-    commit = git_commit()
-    if commit:
-        run_tags["mlflow.source.git.commit"] = commit
-    run_tags.update({k: str(v) for k, v in (tags or {}).items()})
-    created = client.create_run(exp_id, tags=run_tags, run_name=stage)
-    run = StageRun(run_id=created.info.run_id, parent_run_id=parent, stage=stage, client=client)
-    run.log_params(params)
-    started = time.monotonic()
-    try:
-        yield run
-    except BaseException as exc:
-        with contextlib.suppress(Exception):
-            run.flush()
-            message = "".join(traceback.format_exception_only(type(exc), exc)).strip()
-            run.set_tags({"refinery.error": message[:5000]})
-            client.set_terminated(run.run_id, status="FAILED")
-        raise
-    run.log_metrics({"stage_seconds": time.monotonic() - started})
-    run.flush()
-    client.set_terminated(run.run_id, status="FINISHED")
+        live = self.channel.live
+        run_id = self.ref.remote_id if live else self.channel.spool_run_id(self.ref)
+        self.channel.point_mlflow()
+        with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):
+            yield live
 
 
 class NullRun:
@@ -289,6 +196,7 @@ class NullRun:
 
     run_id = ""
     parent_run_id = None
+    deferred = False
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         return None
@@ -315,5 +223,217 @@ class NullRun:
         return None
 
     @contextlib.contextmanager
-    def active(self) -> Iterator[None]:
-        yield
+    def active(self) -> Iterator[bool]:
+        yield False
+
+
+def _workspace_params(workspace: Path) -> dict[str, Any] | None:
+    """The full, validated params of the workspace (for the parent run), if readable."""
+    from refinery.params import ParamsError, load_params
+
+    try:
+        return load_params(workspace / "params.yaml").to_dict()
+    except ParamsError:
+        return None
+
+
+def _stage_order() -> list[str]:
+    from refinery.stages import STAGES
+
+    return [s.name for s in STAGES]
+
+
+def workspace_record(channel: Channel, context: RunContext, stages: Sequence[str],
+                     workspace: Path) -> tuple[dict[str, str], dict[str, float]]:
+    """Parent tags and metrics for ``stages``, read from their lineage and metrics files.
+
+    A stage whose lineage names this execution's pipeline id was *executed*;
+    any other lineage file was restored or kept by DVC: the stage was *reused*
+    and the tag points at the run that produced those outputs.
+    """
+    from refinery import paths
+
+    tags: dict[str, str] = {}
+    metrics: dict[str, float] = {}
+    for stage in stages:
+        record = lineage.read(stage, workspace)
+        if record is None:
+            continue
+        executed = record.pipeline_id == context.pipeline_id
+        tags[f"refinery.stage.{stage}"] = channel.resolve(record)
+        tags[f"refinery.stage.{stage}.state"] = "executed" if executed else "reused"
+        metrics.update(_numbers(workspace / paths.metrics_file(stage), prefix=f"{stage}."))
+        if stage == HEADLINE_STAGE:
+            metrics.update(_numbers(workspace / HEADLINE_METRICS))
+    lock = dvc_lock_md5(workspace)
+    if lock:
+        tags["refinery.dvc_lock_md5"] = lock
+    return tags, metrics
+
+
+def _metric_items(values: Mapping[str, float]) -> list[Any]:
+    from mlflow.entities import Metric
+
+    stamp = int(time.time() * 1000)
+    return [Metric(k, v, stamp, 0) for k, v in values.items()]
+
+
+def _configured_mode(params: Mapping[str, Any] | None) -> OnUnreachable:
+    mode = ((params or {}).get("tracking") or {}).get("on_unreachable", "fail")
+    return "defer" if mode == "defer" else "fail"
+
+
+@contextlib.contextmanager
+def stage_run(
+    stage: str,
+    params: Mapping[str, Any],
+    experiment: str = "refinery",
+    tags: Mapping[str, Any] | None = None,
+    on_unreachable: OnUnreachable | None = None,
+) -> Iterator[StageRun]:
+    """Open the MLflow child run of one stage execution and close it with its outcome.
+
+    Runs before the stage's work, so an unreachable server fails the stage
+    before anything expensive (``on_unreachable`` defaults to the
+    workspace's ``tracking.on_unreachable``). On success it writes
+    ``lineage/<stage>.json`` and records the stage on the parent run.
+    """
+    workspace = Path.cwd()
+    full_params = _workspace_params(workspace)
+    mode = on_unreachable or _configured_mode(full_params)
+    channel = Channel.open(mode, f"stage '{stage}'")
+    context = RunContext.from_env()
+    parent = channel.parent(experiment, context, full_params)
+    if not context.orchestrated:
+        channel.call(parent, "update_run", status="RUNNING")
+    run_tags = {ROLE_TAG: "stage", STAGE_TAG: stage, **context.tags(),
+                "mlflow.parentRunId": parent.id, "mlflow.runName": stage,
+                "refinery.dvc_lock_md5": dvc_lock_md5(workspace) or ""}
+    run_tags.update({k: str(v) for k, v in (tags or {}).items()})
+    ref = channel.create_run(experiment, {k: v for k, v in run_tags.items() if v}, stage)
+    run = StageRun(channel=channel, ref=ref, parent=parent, stage=stage)
+    run.log_params(params)
+    started = time.monotonic()
+    try:
+        yield run
+    except BaseException as exc:
+        with contextlib.suppress(Exception):
+            run.flush()
+            message = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+            run.set_tags({"refinery.error": message[:5000]})
+            channel.call(ref, "set_terminated", status="FAILED")
+            channel.log_batch(parent, tags={f"refinery.stage.{stage}": run.run_id,
+                                            f"refinery.stage.{stage}.state": "failed"})
+            if not context.orchestrated:
+                channel.call(parent, "set_terminated", status="FAILED")
+        raise
+    run.log_metrics({"stage_seconds": time.monotonic() - started})
+    run.flush()
+    channel.call(ref, "set_terminated", status="FINISHED")
+    lineage.write(lineage.Lineage(
+        stage=stage, pipeline_id=context.pipeline_id, experiment=experiment,
+        run_id=ref.remote_id, parent_run_id=parent.remote_id, spool_run_id=ref.spool_id,
+        deferred=run.deferred, finished_at=lineage.Lineage.now(),
+    ), workspace)
+    _record_on_parent(channel, context, parent, stage, workspace)
+
+
+def _record_on_parent(channel: Channel, context: RunContext, parent: RunRef, stage: str,
+                      workspace: Path) -> None:
+    """Tag the parent with this stage and the stages before it (executed or reused).
+
+    Only stages up to this one: a later stage's lineage file may still be an
+    older execution's, about to be replaced. The stage's outputs are written
+    by now, so a failure here is logged, never raised.
+    """
+    order = _stage_order()
+    upto = order[: order.index(stage) + 1] if stage in order else [stage]
+    try:
+        tags, metrics = workspace_record(channel, context, upto, workspace)
+        channel.log_batch(parent, metrics=_metric_items(metrics), tags=tags)
+        if not context.orchestrated:
+            channel.call(parent, "set_terminated", status="FINISHED")
+    except Exception as exc:
+        log.warning("could not update the pipeline's parent run: %s", exc)
+
+
+# ------------------------------------------------------------- the flow's pipeline API
+
+
+@dataclass
+class StageRecord:
+    stage: str
+    run_id: str
+    state: str  # executed | reused | failed
+    url: str | None = None
+
+
+@dataclass
+class PipelineRecord:
+    """The parent run of one execution and its stages, for reports and links."""
+
+    pipeline_id: str
+    experiment: str
+    experiment_id: str | None
+    parent_run_id: str
+    parent_url: str | None
+    deferred: bool
+    stages: list[StageRecord] = field(default_factory=list)
+
+
+def begin_pipeline(context: RunContext, params: Mapping[str, Any], workspace: Path,
+                   overrides: Mapping[str, Any] | None = None) -> PipelineRecord:
+    """Create (or find) the parent run before any stage runs; fail fast if the server is down."""
+    experiment = params.get("tracking", {}).get("experiment", "refinery")
+    channel = Channel.open(_configured_mode(params), "the pipeline", root=workspace)
+    parent = channel.parent(experiment, context, params)
+    extra = {"refinery.overrides": json.dumps(dict(overrides), sort_keys=True)} if overrides else {}
+    channel.log_batch(parent, tags=extra)
+    channel.call(parent, "update_run", status="RUNNING")
+    return _record(channel, experiment, context, parent, [])
+
+
+def end_pipeline(context: RunContext, params: Mapping[str, Any], stages: Sequence[str],
+                 workspace: Path, failed: bool) -> PipelineRecord:
+    """Record every stage of ``stages`` on the parent and close it.
+
+    Never fails for tracking reasons: the stages' work is done, so an
+    unreachable server here only defers these records to the spool.
+    """
+    experiment = params.get("tracking", {}).get("experiment", "refinery")
+    channel = Channel.open("defer", "recording the pipeline", root=workspace)
+    parent = channel.parent(experiment, context, params)
+    tags, metrics = workspace_record(channel, context, stages, workspace)
+    channel.log_batch(parent, metrics=_metric_items(metrics), tags=tags)
+    channel.call(parent, "set_terminated", status="FAILED" if failed else "FINISHED")
+    records = [StageRecord(s, tags[f"refinery.stage.{s}"], tags[f"refinery.stage.{s}.state"])
+               for s in stages if f"refinery.stage.{s}" in tags]
+    return _record(channel, experiment, context, parent, records)
+
+
+def _record(channel: Channel, experiment: str, context: RunContext, parent: RunRef,
+            stages: list[StageRecord]) -> PipelineRecord:
+    exp_id = None
+    if channel.live:
+        with contextlib.suppress(Exception):
+            exp_id = channel.remote_experiment(experiment)
+    for record in stages:
+        if exp_id and not record.run_id.startswith("spool:"):
+            record.url = run_url(exp_id, record.run_id, channel.uri)
+    return PipelineRecord(
+        pipeline_id=context.pipeline_id, experiment=experiment, experiment_id=exp_id,
+        parent_run_id=parent.id,
+        parent_url=run_url(exp_id, parent.remote_id, channel.uri)
+        if exp_id and parent.remote_id else None,
+        deferred=channel.deferred, stages=stages,
+    )
+
+
+def sync_spool(uri: str | None = None, root: Path | None = None) -> ReplayReport:
+    """Replay the spool now; raise :class:`TrackingUnavailable` if the server is still down."""
+    channel = Channel(uri, root)
+    if not channel.spool.pending():
+        return ReplayReport()
+    check_reachable(channel.uri)
+    channel.point_mlflow()  # served artifacts (mlflow-artifacts:/) resolve through it
+    return channel.replay_pending(strict=True)

@@ -1,0 +1,89 @@
+"""One list of stages: dvc.yaml, refinery.stages.STAGES and the Prefect flow agree.
+
+Fast (no server): this is the test that fails first when someone adds a
+stage to one place and forgets another.
+"""
+
+from __future__ import annotations
+
+import shlex
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from servers import BIN, REPO, isolate_prefect_home, run
+
+isolate_prefect_home()
+
+from pipelines import dvcfile  # noqa: E402
+from pipelines.flow import NETWORK_STAGES, pipeline_stages  # noqa: E402
+from refinery.stages import STAGES  # noqa: E402
+
+DVC_STAGES = dvcfile.read_stages(REPO / "dvc.yaml")
+
+
+def test_names_and_order_match() -> None:
+    assert [s.name for s in DVC_STAGES] == [s.name for s in STAGES], (
+        "dvc.yaml and refinery.stages.STAGES list different stages (or orders)"
+    )
+    assert pipeline_stages(REPO) == [s.name for s in DVC_STAGES]
+
+
+@pytest.mark.parametrize("stage", STAGES, ids=lambda s: s.name)
+def test_command_and_params_match(stage) -> None:
+    dvc = {s.name: s for s in DVC_STAGES}.get(stage.name)
+    assert dvc is not None, f"{stage.name} is in STAGES but not in dvc.yaml"
+    expected = ["python", "-m", "refinery", stage.command, *stage.cli_args]
+    assert shlex.split(dvc.cmd) == expected
+    assert sorted(dvc.params) == sorted(stage.params), (
+        f"dvc.yaml params of {stage.name} differ from Stage.params"
+    )
+
+
+@pytest.mark.parametrize("stage", DVC_STAGES, ids=lambda s: s.name)
+def test_every_stage_declares_its_lineage(stage) -> None:
+    """tracking writes lineage/<stage>.json; DVC must cache it with the stage's outputs."""
+    assert f"lineage/{stage.name}.json" in stage.outs
+
+
+def test_dvc_itself_accepts_dvc_yaml(tmp_path: Path) -> None:
+    """The flow parses dvc.yaml with plain YAML; DVC's own schema is stricter."""
+    shutil.copy(REPO / "dvc.yaml", tmp_path / "dvc.yaml")
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    run([str(BIN / "dvc"), "init", "--no-scm", "-q"], tmp_path)
+    listed = run([str(BIN / "dvc"), "stage", "list", "--name-only"], tmp_path).stdout.split()
+    assert listed == [s.name for s in DVC_STAGES]
+
+
+def test_network_stages_exist() -> None:
+    assert set(NETWORK_STAGES) <= {s.name for s in DVC_STAGES}
+
+
+def test_plan_stops_after_and_rejects_unknown(tmp_path: Path) -> None:
+    plan = dvcfile.plan(REPO / "dvc.yaml", "validate")
+    assert [s.name for s in plan] == [s.name for s in DVC_STAGES][:2]
+    with pytest.raises(dvcfile.DvcFileError, match="unknown stage 'nope'"):
+        dvcfile.plan(REPO / "dvc.yaml", "nope")
+
+
+def test_deployments_run_the_flow_on_a_process_pool() -> None:
+    config = yaml.safe_load((REPO / "pipelines" / "prefect.yaml").read_text())
+    deployments = {d["name"]: d for d in config["deployments"]}
+    assert set(deployments) == {"nightly", "on-demand"}
+    for deployment in deployments.values():
+        path, func = deployment["entrypoint"].split(":")
+        assert (REPO / path).exists() and func == "refinery_pipeline"
+        assert deployment["work_pool"]["name"] == "refinery-process"
+        assert deployment["concurrency_limit"]["limit"] == 1
+    assert [s["cron"] for s in deployments["nightly"]["schedules"]] == ["0 2 * * *"]
+    assert not deployments["on-demand"]["schedules"]
+
+
+def test_serve_builds_the_same_deployments() -> None:
+    from pipelines.serve import build_deployments
+
+    built = {d.name: d for d in build_deployments()}
+    assert set(built) == {"nightly", "on-demand"}
+    assert built["nightly"].schedules[0].schedule.cron == "0 2 * * *"
+    assert not built["on-demand"].schedules
