@@ -1,0 +1,67 @@
+"""Teacher and student networks: any input size, saving and loading, exact tap cropping."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from refinery import models
+
+
+def _config(arch: str, size: int, channels: int = 3, **extra: object) -> models.ModelConfig:
+    return models.ModelConfig(arch=arch, in_channels=channels, image_size=size, num_classes=10,
+                              mean=(0.5,) * channels, std=(0.25,) * channels,
+                              classes=tuple("abcdefghij"), **extra)
+
+
+@pytest.mark.parametrize(("arch", "size", "channels"), [
+    ("resnet18", 8, 1), ("resnet18", 32, 3), ("resnet18", 96, 3), ("resnet34", 32, 3),
+    ("resnet50", 16, 1), ("student", 8, 1), ("student", 32, 3), ("student", 64, 3),
+])
+def test_every_arch_takes_its_input_size(arch: str, size: int, channels: int) -> None:
+    model = models.build_model(_config(arch, size, channels)).eval()
+    with torch.no_grad():
+        out = model(torch.rand(2, channels, size, size))
+    assert out.shape == (2, 10)
+
+
+def test_student_is_much_smaller_than_the_teacher() -> None:
+    teacher = models.build_model(_config("resnet18", 32))
+    student = models.build_model(_config("student", 32, width=32, depth=(2, 2, 2)))
+    assert models.parameter_count(teacher) >= 5 * models.parameter_count(student)
+
+
+def test_save_and_load_round_trip(tmp_path: Path) -> None:
+    model = models.build_model(_config("student", 8, 1, width=8, depth=(1, 1))).eval()
+    models.save_model(model, tmp_path / "m", extra={"stage": "test"})
+    loaded = models.load_model(tmp_path / "m").eval()
+    x = torch.rand(3, 1, 8, 8)
+    assert torch.equal(model(x), loaded(x))
+    assert loaded.config == model.config
+    # plain tensors only: loads with weights_only=True
+    torch.load(tmp_path / "m" / "model.pt", weights_only=True)
+
+
+def test_tap_cropping_is_exact_on_tiny_maps() -> None:
+    """ResNet-18 on 8x8 images crops padded taps; outputs and gradients match plain convs."""
+    torch.manual_seed(0)
+    cropped = models.build_model(_config("resnet18", 8, 1))
+    assert any(isinstance(m, models.TapCroppedConv2d) for m in cropped.modules())
+    plain = models.build_model(_config("resnet18", 8, 1))
+    for module in list(plain.modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, models.TapCroppedConv2d):
+                conv = nn.Conv2d(child.in_channels, child.out_channels, child.kernel_size,
+                                 child.stride, child.padding, bias=child.bias is not None)
+                setattr(module, child_name, conv)
+    plain.load_state_dict(cropped.state_dict())
+    x = torch.rand(16, 1, 8, 8)
+    a, b = cropped(x), plain(x)
+    assert torch.allclose(a, b, atol=1e-5)
+    a.square().sum().backward()
+    b.square().sum().backward()
+    for (name, p), q in zip(cropped.named_parameters(), plain.parameters(), strict=True):
+        assert torch.allclose(p.grad, q.grad, atol=1e-4, rtol=1e-3), name
