@@ -37,6 +37,15 @@ def build_parser() -> argparse.ArgumentParser:
             stage_parser.add_argument(flag, **kwargs)
     check = sub.add_parser("check-params", help="validate params.yaml and exit")
     check.set_defaults(_check=True)
+    profile = sub.add_parser(
+        "profile",
+        help="merge a params profile (cifar10, cifar10-jpeg, image-folder or a YAML file) and "
+             "KEY=VALUE overrides into params.yaml, validated first",
+    )
+    profile.add_argument("name", nargs="?", help="a bundled profile or a YAML file")
+    profile.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                         help="a dotted params key and its YAML value (repeatable)")
+    profile.set_defaults(_profile=True)
     sync = sub.add_parser(
         "sync-tracking",
         help="send runs spooled while the MLflow server was unreachable (tracking.on_unreachable)",
@@ -55,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     if getattr(args, "_sync", False):
         return _sync_tracking()
+    if getattr(args, "_profile", False):
+        return _apply_profile(args)
     from refinery.params import load_params
     from refinery.stages import stage_for_command
 
@@ -83,4 +94,21 @@ def _sync_tracking() -> int:
         print(f"refinery sync-tracking: {exc}", file=sys.stderr)
         return 1
     print(f"refinery sync-tracking: {report}")
+    return 0
+
+
+def _apply_profile(args: argparse.Namespace) -> int:
+    from refinery.profiles import apply_profile, available
+
+    if not args.name and not args.set:
+        print(f"refinery profile: give a profile ({', '.join(available())}) or --set KEY=VALUE",
+              file=sys.stderr)
+        return 2
+    try:
+        params = apply_profile(args.params, args.name, args.set)
+    except ParamsError as exc:
+        print(f"refinery profile: {exc}", file=sys.stderr)
+        return 2
+    print(f"{args.params}: {args.name or 'overrides'} applied (data: {params.download.source}, "
+          f"{params.images.size}x{params.images.size}x{params.images.channels})")
     return 0
