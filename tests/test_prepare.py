@@ -1,5 +1,7 @@
 """The prepare stage: stratified splits, the labeled subset, train-only statistics,
-byte-identical outputs for a seed, and refusal of a manifest that no longer matches."""
+byte-identical outputs for a seed, the pixels handed over by validate (and the
+same output when decoding instead), and refusal of a manifest or pixels file
+that no longer matches."""
 
 from __future__ import annotations
 
@@ -30,13 +32,20 @@ OUTPUTS = (*(f"{name}.pt" for name in SPLIT_FILES), "labeled.pt", "meta.json")
 
 def write_manifest(root: Path, images: ImageParams = IMAGES, drop_undecodable: bool = False,
                    ) -> Path:
-    """What a passing ``validate`` leaves (its GX checks are tested in test_validate.py)."""
-    manifest = manifest_mod.build_manifest(RawDataset.load(root / "raw"), images)
+    """What a passing ``validate`` leaves (its GX checks are tested in test_validate.py):
+    the manifest, with its info, and ``pixels.npy``."""
+    raw = RawDataset.load(root / "raw")
+    scratch = root / "all-pixels.npy"
+    manifest = manifest_mod.build_manifest(raw, images, pixels_out=scratch)
+    keep = manifest["decodable"].to_numpy()
     if drop_undecodable:
         manifest = manifest[manifest["decodable"]].reset_index(drop=True)
     assert manifest["decodable"].all()
+    manifest_mod.copy_rows(scratch, root / "pixels.npy", keep)
+    scratch.unlink()
     path = root / "manifest.parquet"
-    manifest.to_parquet(path, index=False)
+    manifest_mod.write_manifest(path=path, manifest=manifest,
+                                info=manifest_mod.build_info(raw, manifest, images))
     return path
 
 
@@ -46,6 +55,18 @@ def run(root: Path, out: str = "prepared", seed: int = 0, images: ImageParams = 
     prepare(p, images, seed, raw_dir=root / "raw", manifest_path=root / "manifest.parquet",
             out_dir=root / out)
     return root / out
+
+
+def same_outputs(a: Path, b: Path) -> None:
+    for name in OUTPUTS:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+def no_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("prepare decoded the images although validate's pixels were there")
+
+    monkeypatch.setattr(manifest_mod, "map_chunks", refuse)
 
 
 @pytest.fixture
@@ -127,19 +148,106 @@ def test_normalisation_comes_from_train_only(dataset: Path) -> None:
                                       abs=1e-6)
 
 
-def test_same_seed_same_bytes_other_seed_other_split(dataset: Path,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_same_seed_same_bytes_other_seed_other_split(dataset: Path) -> None:
     first = run(dataset, "a")
-    monkeypatch.setattr(manifest_mod, "POOL_MIN_RECORDS", 1)  # and on a pool: same bytes
-    monkeypatch.setattr(manifest_mod, "_MAX_CHUNK", 5)
-    second = prepare(PrepareParams(val_fraction=0.25, label_fraction=0.2), IMAGES, 0,
-                     raw_dir=dataset / "raw", manifest_path=dataset / "manifest.parquet",
-                     out_dir=dataset / "b", workers=2)
-    assert second.counts == {"train": 45, "val": 15, "test": 12}
-    for name in OUTPUTS:
-        assert (first / name).read_bytes() == (dataset / "b" / name).read_bytes(), name
+    second = run(dataset, "b")
+    same_outputs(first, second)
     other = load_prepared(run(dataset, "c", seed=1))
     assert set(other.val.ids) != set(load_prepared(first).val.ids)
+
+
+def test_validated_pixels_are_packed_without_decoding(dataset: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    no_decoding(monkeypatch)
+    result = prepare(PrepareParams(val_fraction=0.25, label_fraction=0.2), IMAGES, 0,
+                     raw_dir=dataset / "raw", manifest_path=dataset / "manifest.parquet",
+                     out_dir=dataset / "prepared")
+    assert not result.decoded and result.metrics()["decoded_images"] == 0
+    assert result.timings["pixels_seconds"] > 0
+
+
+def test_decoding_again_gives_the_same_bytes(dataset: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without validate's pixels file, prepare decodes (here on a pool): the same outputs."""
+    handed_over = run(dataset, "a")
+    (dataset / "pixels.npy").unlink()
+    monkeypatch.setattr(manifest_mod, "POOL_MIN_RECORDS", 1)
+    monkeypatch.setattr(manifest_mod, "_MAX_CHUNK", 5)
+    result = prepare(PrepareParams(val_fraction=0.25, label_fraction=0.2), IMAGES, 0,
+                     raw_dir=dataset / "raw", manifest_path=dataset / "manifest.parquet",
+                     out_dir=dataset / "b", workers=2)
+    assert result.decoded and result.metrics()["decoded_images"] == 72
+    assert result.counts == {"train": 45, "val": 15, "test": 12}
+    same_outputs(handed_over, dataset / "b")
+
+
+def test_manifest_without_info_is_decoded_again(dataset: Path) -> None:
+    """A manifest written before the pixels handover (plain parquet): prepare decodes."""
+    handed_over = run(dataset, "a")
+    manifest = pd.read_parquet(dataset / "manifest.parquet")
+    manifest.to_parquet(dataset / "manifest.parquet", index=False)
+    assert manifest_mod.read_manifest(dataset / "manifest.parquet")[1] is None
+    same_outputs(handed_over, run(dataset, "b"))
+
+
+def test_validate_then_prepare(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The stages as the pipeline runs them: validate's files are prepare's input.
+
+    Packed JPEGs of the configured size, like CIFAR-10: validate's batched decoding.
+    """
+    from refinery.data.validate import validate
+    from refinery.params import ValidateParams
+
+    files_dataset(tmp_path / "raw", Spec(per_class={"train": 20, "test": 4}, size=8, fmt="JPEG"),
+                  kind="packed")
+    checked = validate(ValidateParams(rows={"train": (30, 100), "test": (10, 50)},
+                                      min_class_fraction=0.1),
+                       IMAGES, tmp_path / "raw", tmp_path / "manifest.parquet",
+                       tmp_path / "reports")
+    assert checked.success, checked.summary()
+    with monkeypatch.context() as patched:
+        no_decoding(patched)
+        handed_over = run(tmp_path, "a")
+    (tmp_path / "pixels.npy").unlink()
+    same_outputs(handed_over, run(tmp_path, "b"))  # decoded from scratch
+
+
+def test_pixels_that_differ_from_the_manifest_are_refused(dataset: Path,
+                                                         monkeypatch: pytest.MonkeyPatch,
+                                                         ) -> None:
+    out = run(dataset)
+    before = {name: (out / name).read_bytes() for name in OUTPUTS}
+    pixels = np.load(dataset / "pixels.npy", mmap_mode="r+")
+    pixels[7, 0, 0, 0] ^= 1  # one bit of one image
+    pixels.flush()
+    del pixels
+    no_decoding(monkeypatch)
+    with pytest.raises(DataValidationFailed,
+                       match=r"1 of 72 rows of .*pixels.npy differ from the validated pixels "
+                             r"\(content_hash\), e.g. files/train/cat/0007.png: run the validate"):
+        run(dataset)
+    assert {name: (out / name).read_bytes() for name in OUTPUTS} == before
+
+
+@pytest.mark.parametrize("change", ["rows", "dtype", "garbage"])
+def test_pixels_file_of_another_shape_is_refused(dataset: Path, change: str) -> None:
+    path = dataset / "pixels.npy"
+    pixels = np.load(path)
+    if change == "rows":
+        np.save(path, pixels[:-1])
+    elif change == "dtype":
+        np.save(path, pixels.astype(np.int16))
+    else:
+        path.write_bytes(b"not an array")
+    with pytest.raises(DataValidationFailed, match="run the validate stage again"):
+        run(dataset)
+    assert not (dataset / "prepared").exists()
+
+
+def test_other_resize_than_validated_is_refused(dataset: Path) -> None:
+    """Same shape, other conversion: only the manifest's info can tell."""
+    with pytest.raises(DataValidationFailed, match=r"'resize': 'crop'.*'resize': 'stretch'"):
+        run(dataset, images=ImageParams(size=8, channels=3, resize="stretch"))
 
 
 def test_result_metrics(dataset: Path) -> None:
@@ -162,12 +270,31 @@ def test_only_manifest_rows_are_used(tmp_path: Path) -> None:
     assert data.meta["counts"]["train"] + data.meta["counts"]["val"] == 60
 
 
-def test_changed_image_since_validation_is_refused(dataset: Path) -> None:
+def test_changed_image_since_validation_is_refused(dataset: Path,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """The raw files' fingerprint changed: prepare decodes again and names what changed."""
     target = dataset / "raw" / "files" / "train" / "dog" / "0002.png"
     target.write_bytes(encode(picture(np.random.default_rng(42), 10, 3, 1), "PNG"))
     with pytest.raises(DataValidationFailed, match=r"train/dog/0002.png \(pixels differ"):
         run(dataset)
     assert not (dataset / "prepared").exists()
+    assert any("raw data changed since validation" in r.getMessage() for r in caplog.records)
+
+
+def test_same_pixels_in_other_raw_bytes_are_accepted(dataset: Path) -> None:
+    """A raw file re-encoded with the same pixels: decoded again, and nothing changed."""
+    from PIL import Image
+
+    first = run(dataset, "a")
+    target = dataset / "raw" / "files" / "train" / "dog" / "0002.png"
+    with Image.open(target) as image:
+        image.load()
+        image.save(target, format="PNG", compress_level=1)  # other bytes, same pixels
+    result = prepare(PrepareParams(val_fraction=0.25, label_fraction=0.2), IMAGES, 0,
+                     raw_dir=dataset / "raw", manifest_path=dataset / "manifest.parquet",
+                     out_dir=dataset / "b")
+    assert result.decoded
+    same_outputs(first, dataset / "b")
 
 
 def test_other_image_params_than_validated_are_refused(dataset: Path) -> None:

@@ -2,7 +2,8 @@
 
 Each failure case plants one defect in an otherwise clean small dataset and
 checks that the summary names the expectation and the offending file, that
-reports are written, and that no manifest is left for ``prepare``.
+reports are written, and that no manifest (nor pixels file) is left for
+``prepare``.
 """
 
 from __future__ import annotations
@@ -41,12 +42,34 @@ def run(tmp_path: Path, p: ValidateParams | None = None,
                     reports_dir=tmp_path / "reports")
 
 
+def assert_handed_over(tmp_path: Path, images: ImageParams = IMAGES) -> np.ndarray:
+    """The pixels file validate wrote: one row per manifest row, each with its content_hash."""
+    manifest, info = manifest_mod.read_manifest(tmp_path / "manifest.parquet")
+    pixels = np.load(tmp_path / "pixels.npy")
+    assert pixels.dtype == np.uint8
+    assert pixels.shape == (len(manifest), images.size, images.size, images.channels)
+    assert manifest_mod.hash_rows(pixels) == manifest["content_hash"].tolist()
+    raw = RawDataset.load(tmp_path / "raw")
+    assert info == {"images": images.model_dump(mode="json"),
+                    "pixels_shape": list(pixels.shape),
+                    "raw_sha256": manifest_mod.raw_fingerprint(raw,
+                                                               manifest["location"].tolist())}
+    assert_no_scratch(tmp_path)
+    return pixels
+
+
+def assert_no_scratch(tmp_path: Path) -> None:
+    assert not list(tmp_path.glob(".pixels.npy.*")), "validate left its scratch pixels behind"
+
+
 def assert_failed(result: ValidationResult, tmp_path: Path, *phrases: str) -> None:
     assert not result.success
     summary = result.summary()
     for phrase in phrases:
         assert phrase in summary, f"{phrase!r} not in:\n{summary}"
     assert not (tmp_path / "manifest.parquet").exists()
+    assert not (tmp_path / "pixels.npy").exists()
+    assert_no_scratch(tmp_path)
     report = json.loads((tmp_path / "reports" / "validation.json").read_text())
     assert report["success"] is False and report["summary"] == summary
     assert (tmp_path / "reports" / "data_docs" / "index.html").exists()
@@ -86,6 +109,10 @@ def test_clean_dataset_passes_and_writes_everything(tmp_path: Path, kind: str) -
     assert manifest["nbytes"].tolist() == [len(raw.read_bytes(loc))
                                            for loc in manifest["location"]]
     assert manifest["source_path"].tolist() == records["source_path"].tolist()
+    pixels = assert_handed_over(tmp_path)
+    for row in (0, 47):  # the pixels convert() gives, in manifest order
+        assert np.array_equal(pixels[row],
+                              manifest_mod.convert(raw, manifest.at[row, "location"], IMAGES)[1])
 
     report = json.loads((tmp_path / "reports" / "validation.json").read_text())
     assert report["success"] is True and report["failures"] == []
@@ -109,18 +136,23 @@ def test_arrays_dataset_passes(tmp_path: Path) -> None:
     manifest = pd.read_parquet(tmp_path / "manifest.parquet")
     assert set(manifest["mode"]) == {"L"} and (manifest["nbytes"] == 64).all()
     assert (manifest["out_channels"] == 1).all()
+    pixels = assert_handed_over(tmp_path, ImageParams(size=8, channels=1))
+    assert np.array_equal(pixels[:36], np.load(tmp_path / "raw" / "arrays" / "train.npy"))
 
 
 def test_rerun_replaces_reports_and_keeps_manifest_bytes(tmp_path: Path) -> None:
     files_dataset(tmp_path / "raw")
     assert run(tmp_path).success
     first = (tmp_path / "manifest.parquet").read_bytes()
+    pixels = (tmp_path / "pixels.npy").read_bytes()
     stale = tmp_path / "reports" / "stale.txt"
     stale.write_text("old")
     assert run(tmp_path, vparams(max_examples=4)).success
     assert not stale.exists()
     # byte-identical: DVC then skips prepare when only validate's params changed
     assert (tmp_path / "manifest.parquet").read_bytes() == first
+    assert (tmp_path / "pixels.npy").read_bytes() == pixels
+    assert_no_scratch(tmp_path)
 
 
 # ------------------------------------------------------------------------ failing
@@ -130,6 +162,7 @@ def test_rerun_replaces_reports_and_keeps_manifest_bytes(tmp_path: Path) -> None
 def test_undecodable_images_fail_with_their_files(tmp_path: Path, kind: str) -> None:
     files_dataset(tmp_path / "raw", extras=jpeg_pair(), kind=kind)
     (tmp_path / "manifest.parquet").write_bytes(b"from an earlier, passing run")
+    (tmp_path / "pixels.npy").write_bytes(b"from an earlier, passing run")
     result = run(tmp_path)
     folder = "files" if kind == "files" else "mydata"  # packed: named by source_path
     assert_failed(result, tmp_path,
@@ -158,6 +191,7 @@ def test_drop_undecodable_drops_counts_and_logs(tmp_path: Path,
     manifest = pd.read_parquet(tmp_path / "manifest.parquet")
     assert len(manifest) == 48 and manifest["decodable"].all()
     assert manifest["pixel_std"].notna().all()
+    assert_handed_over(tmp_path)  # the dropped rows' pixels are dropped too
 
 
 def test_same_picture_in_train_and_test_is_leakage(tmp_path: Path) -> None:
@@ -354,11 +388,70 @@ def test_jpeg_fast_path_falls_back_for_cmyk(tmp_path: Path) -> None:
 def test_pool_gives_the_same_manifest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     files_dataset(tmp_path / "raw", extras=jpeg_pair())
     raw = RawDataset.load(tmp_path / "raw")
-    alone = manifest_mod.build_manifest(raw, IMAGES, workers=1)
+    alone = manifest_mod.build_manifest(raw, IMAGES, workers=1, pixels_out=tmp_path / "a.npy")
     monkeypatch.setattr(manifest_mod, "POOL_MIN_RECORDS", 1)
     monkeypatch.setattr(manifest_mod, "_MAX_CHUNK", 7)  # several chunks per worker
-    pooled = manifest_mod.build_manifest(raw, IMAGES, workers=2)
+    pooled = manifest_mod.build_manifest(raw, IMAGES, workers=2, pixels_out=tmp_path / "b.npy")
     pd.testing.assert_frame_equal(alone, pooled)
+    assert (tmp_path / "a.npy").read_bytes() == (tmp_path / "b.npy").read_bytes()
+    pixels = np.load(tmp_path / "a.npy")
+    assert not pixels[~alone["decodable"].to_numpy()].any()  # undecodable rows: zeros
+    fits = alone["decodable"].to_numpy()
+    assert manifest_mod.hash_rows(pixels[fits]) == alone.loc[fits, "content_hash"].tolist()
+
+
+@pytest.mark.parametrize("kind", ["files", "packed"])
+def test_batched_jpeg_decoding_matches_one_by_one(tmp_path: Path, kind: str,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Chunks of plain JPEGs of exactly the configured size skip PIL's per-image path.
+
+    Mixed in: a grayscale JPEG (converted to RGB), a progressive one, one of
+    another size (resized), a truncated one and a PNG, which take the
+    one-by-one path or fail there with PIL's message. Forcing every image
+    through ``RawDataset.decode`` (no JPEG header known) must give the same
+    manifest and the same pixels, in one process and on a pool.
+    """
+    size = 10
+    gray = encode(picture(np.random.default_rng(5), size, 1, 2), "JPEG", quality=80)
+    cut = encode(picture(np.random.default_rng(6), size, 3, 1), "JPEG", quality=90)[:-12]
+    files_dataset(tmp_path / "raw", Spec(per_class={"train": 6, "test": 2}, fmt="JPEG"),
+                  kind=kind, extras=[
+                      Extra("train", "cat", "gray.jpg", gray),
+                      Extra("train", "dog", "progressive.jpg", encode(
+                          picture(np.random.default_rng(7), size, 3, 1), "JPEG",
+                          progressive=True)),
+                      Extra("train", "dog", "wide.jpg", encode(
+                          picture(np.random.default_rng(8), 14, 3, 1)[:size], "JPEG")),
+                      Extra("test", "frog", "cut.jpg", cut),
+                      Extra("test", "frog", "lossless.png", encode(
+                          picture(np.random.default_rng(9), size, 3, 2), "PNG")),
+                  ])
+    raw = RawDataset.load(tmp_path / "raw")
+    images = ImageParams(size=size, channels=3)
+    monkeypatch.setattr(manifest_mod, "POOL_MIN_RECORDS", 1)
+    monkeypatch.setattr(manifest_mod, "_MAX_CHUNK", 5)
+    one_by_one: list[str] = []
+    convert = manifest_mod.convert
+
+    def counted(raw: RawDataset, location: str, images: ImageParams) -> object:
+        one_by_one.append(location)
+        return convert(raw, location, images)
+
+    monkeypatch.setattr(manifest_mod, "convert", counted)
+    fast = manifest_mod.build_manifest(raw, images, workers=1, pixels_out=tmp_path / "a.npy")
+    assert len(one_by_one) == 4  # gray, wide, cut and the PNG; not the 24 plain JPEGs
+    pooled = manifest_mod.build_manifest(raw, images, workers=2, pixels_out=tmp_path / "b.npy")
+    monkeypatch.setattr(manifest_mod, "jpeg_header", lambda data: None)  # PIL's own path
+    slow = manifest_mod.build_manifest(raw, images, workers=1, pixels_out=tmp_path / "c.npy")
+    pd.testing.assert_frame_equal(fast, slow)
+    pd.testing.assert_frame_equal(pooled, slow)
+    assert (tmp_path / "a.npy").read_bytes() == (tmp_path / "c.npy").read_bytes()
+    assert (tmp_path / "b.npy").read_bytes() == (tmp_path / "c.npy").read_bytes()
+    by_name = fast.set_index("id")
+    assert by_name.at["test/frog/cut.jpg", "error"].startswith("image file is truncated")
+    assert by_name.at["train/cat/gray.jpg", "mode"] == "L"
+    assert by_name.at["train/dog/wide.jpg", "width"] == 14
+    assert fast["decodable"].sum() == len(fast) - 1
 
 
 def test_empty_dataset_fails_on_row_counts(tmp_path: Path) -> None:

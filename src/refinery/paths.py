@@ -9,6 +9,7 @@ DATA = Path("data")
 DOWNLOAD_CACHE = DATA / "downloads"  # fetched archives, kept across runs (not a DVC output)
 RAW = DATA / "raw"  # download: extracted/parsed source, one layout for every source
 MANIFEST = DATA / "manifest.parquet"  # validate: one row per image
+PIXELS = DATA / "pixels.npy"  # validate: the converted uint8 pixels of the manifest's rows
 PREPARED = DATA / "prepared"  # prepare: packed uint8 tensors, splits, label subset
 AUGMENT = DATA / "augment"  # augment: resolved policies
 

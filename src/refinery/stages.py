@@ -86,6 +86,7 @@ def _validate(params: Params, args: argparse.Namespace) -> None:
             raw_dir=paths.RAW,
             manifest_path=paths.MANIFEST,
             reports_dir=paths.reports_dir("validate"),
+            pixels_path=paths.PIXELS,
         )
         run.log_artifacts(paths.reports_dir("validate"), "validation")
         _finish(stage.name, run, result.metrics())
@@ -104,6 +105,7 @@ def _prepare(params: Params, args: argparse.Namespace) -> None:
             raw_dir=paths.RAW,
             manifest_path=paths.MANIFEST,
             out_dir=paths.PREPARED,
+            pixels_path=paths.PIXELS,
         )
         run.log_artifact(paths.PREPARED / "meta.json")
         _finish(stage.name, run, result.metrics())

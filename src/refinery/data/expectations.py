@@ -71,11 +71,16 @@ def shown_name(frame: pd.DataFrame, index: Any) -> str:
 def images_frame(manifest: pd.DataFrame) -> pd.DataFrame:
     """The manifest plus columns that make GX's checks fast and its Data Docs readable.
 
-    ``label`` ("3:cat") replaces a column-pair check, which GX runs row by row;
+    ``label`` ("3:cat") replaces a column-pair check, which GX runs row by row
+    (as it does range checks on nullable ``Int64`` columns: those without
+    nulls become plain ``int64``);
     ``decode_error`` ("files/x.jpg: cannot identify image file") is what the
     decode expectation checks, so Data Docs list the failing files, not ``False``.
     """
     frame = manifest.copy()
+    for column in ("width", "height", "out_height", "out_width", "out_channels"):
+        if not frame[column].hasnans:  # GX checks int64 in one vectorised pass, Int64 per row
+            frame[column] = frame[column].astype("int64")
     errors = display_names(frame) + ": " + frame["error"]
     frame["decode_error"] = errors.where(~frame["decodable"])
     frame["label"] = frame["class_id"].astype(str) + ":" + frame["class_name"]

@@ -1,9 +1,11 @@
 """The ``validate`` stage: build the manifest and check it with Great Expectations.
 
 Every bound comes from ``params.validate`` and ``params.images``; the checks
-themselves are in :mod:`refinery.data.expectations`. The manifest is written
-only when every critical expectation passes, so a later stage can never run on
-data that failed (DVC stops at the non-zero exit that
+themselves are in :mod:`refinery.data.expectations`. The manifest, and the
+converted pixels of its rows (``data/pixels.npy``, which ``prepare`` packs
+instead of decoding every image again; see :mod:`refinery.data.manifest`), are
+written only when every critical expectation passes, so a later stage can
+never run on data that failed (DVC stops at the non-zero exit that
 :meth:`ValidationResult.raise_if_failed` causes). Reports (``validation.json``
 and a Data Docs site) are written either way: a failure is exactly when
 someone needs to read them.
@@ -14,12 +16,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from refinery import fsutil
@@ -119,16 +124,63 @@ def _drop_undecodable(manifest: pd.DataFrame, p: ValidateParams,
 
 
 def validate(p: ValidateParams, images: ImageParams, raw_dir: Path, manifest_path: Path,
-             reports_dir: Path) -> ValidationResult:
-    """Build the manifest of ``raw_dir``, validate it, write reports (and the manifest if ok)."""
+             reports_dir: Path, pixels_path: Path | None = None) -> ValidationResult:
+    """Build the manifest of ``raw_dir``, validate it, write reports (and the manifest if ok).
+
+    With the manifest goes ``pixels_path`` (default: ``pixels.npy`` next to
+    the manifest), the converted pixels of its rows, for ``prepare``.
+    """
     started = time.perf_counter()
     raw = RawDataset.load(raw_dir)
+    pixels_path = (manifest_mod.pixels_path_for(manifest_path) if pixels_path is None
+                   else Path(pixels_path))
+    pixels_path.parent.mkdir(parents=True, exist_ok=True)
+    # The workers write every image's pixels here while decoding; it becomes pixels_path
+    # only if validation passes. Same folder: the rename is atomic and nothing is copied.
+    handle, name = tempfile.mkstemp(prefix=f".{pixels_path.name}.", suffix=".decoding",
+                                    dir=pixels_path.parent)
+    os.close(handle)
+    scratch = Path(name)
+    try:
+        result, manifest, keep, info = _check(p, images, raw, scratch, reports_dir, started)
+        if result.success:
+            _publish(manifest, info, keep, scratch, manifest_path, pixels_path)
+        else:  # a stale manifest must not let prepare run
+            fsutil.remove(manifest_path)
+            fsutil.remove(pixels_path)
+    finally:
+        scratch.unlink(missing_ok=True)
+    result.timings["seconds"] = time.perf_counter() - started
+    if result.success:
+        log.info("validate: %s", result.summary())
+    else:  # the summary itself is the DataValidationFailed message the CLI prints
+        log.error("validate: %d of %d expectations failed; manifest not written",
+                  len(result.failures), result.evaluated)
+    log.info("validate: %.1fs (manifest %.1fs, then waiting for the GX import %.1fs, GX %.1fs)",
+             result.seconds, result.timings["manifest_seconds"],
+             result.timings["gx_import_wait_seconds"], result.timings["gx_seconds"])
+    return result
+
+
+def _check(p: ValidateParams, images: ImageParams, raw: RawDataset, scratch: Path,
+           reports_dir: Path, started: float,
+           ) -> tuple[ValidationResult, pd.DataFrame, np.ndarray | None, dict[str, Any]]:
+    """Build the manifest (pixels into ``scratch``), run GX, write the reports.
+
+    Returns the result, the manifest as it will be written (after any drop),
+    which rows of ``scratch`` it kept (``None``: all of them), and the info
+    that goes into the manifest's metadata.
+    """
     gx_import = manifest_mod.BackgroundImport("great_expectations")  # ~5 s, overlapped
     with QuietGX() as quiet_gx:
-        manifest = manifest_mod.build_manifest(raw, images, while_decoding=gx_import.start)
+        manifest = manifest_mod.build_manifest(raw, images, while_decoding=gx_import.start,
+                                               pixels_out=scratch)
         built = time.perf_counter()
         undecodable = int((~manifest["decodable"]).sum())
+        decodable = manifest["decodable"].to_numpy(dtype=bool)
         manifest, dropped, dropped_examples = _drop_undecodable(manifest, p)
+        # Hashing the raw files releases the GIL: it runs beside the GX import's tail.
+        info = manifest_mod.build_info(raw, manifest, images)
         gx_import.join()  # before any GX import here: a concurrent one sees half-built modules
         quiet_gx.quiet()
         imported = time.perf_counter()
@@ -156,21 +208,21 @@ def validate(p: ValidateParams, images: ImageParams, raw_dir: Path, manifest_pat
                          "gx_seconds": time.perf_counter() - imported},
             )
             _write_report(tmp / "validation.json", result, p, images, serialized)
-    if result.success:
-        with fsutil.atomic_path(manifest_path) as tmp_manifest:
-            manifest.to_parquet(tmp_manifest, index=False)
-    else:
-        fsutil.remove(manifest_path)  # a stale manifest must not let prepare run
-    result.timings["seconds"] = time.perf_counter() - started
-    if result.success:
-        log.info("validate: %s", result.summary())
-    else:  # the summary itself is the DataValidationFailed message the CLI prints
-        log.error("validate: %d of %d expectations failed; manifest not written",
-                  len(result.failures), result.evaluated)
-    log.info("validate: %.1fs (manifest %.1fs, then waiting for the GX import %.1fs, GX %.1fs)",
-             result.seconds, result.timings["manifest_seconds"],
-             result.timings["gx_import_wait_seconds"], result.timings["gx_seconds"])
-    return result
+    return result, manifest, decodable if dropped else None, info
+
+
+def _publish(manifest: pd.DataFrame, info: dict[str, Any], keep: np.ndarray | None,
+             scratch: Path, manifest_path: Path, pixels_path: Path) -> None:
+    """Write the pixels, then the manifest that vouches for them, each atomically."""
+    with fsutil.atomic_path(pixels_path) as tmp_pixels:
+        if keep is None:
+            mode = tmp_pixels.stat().st_mode  # atomic_path's permissions, not mkstemp's 0600
+            os.replace(scratch, tmp_pixels)
+            os.chmod(tmp_pixels, mode)
+        else:  # drop_undecodable dropped rows: keep the pixels aligned with the manifest
+            manifest_mod.copy_rows(scratch, tmp_pixels, keep)
+    with fsutil.atomic_path(manifest_path) as tmp_manifest:
+        manifest_mod.write_manifest(manifest, tmp_manifest, info)
 
 
 def _write_report(path: Path, result: ValidationResult, p: ValidateParams,

@@ -1,0 +1,107 @@
+"""Benchmark: self-supervised pretraining throughput (image pairs per second).
+
+Runs the real ``pretrain`` stage (SimCLR, ResNet-18, 32x32 CIFAR-10 from the
+shared archive) for a few epochs and prints the pairs/s of every epoch, all
+augmentation included (two views per image, batched on the device). Target
+(issue 3, one H100): >= 18,000 pairs/s sustained over an epoch; a plain
+two-view DataLoader with per-image PIL transforms and 14 workers delivers
+about 4,400 (``--reference`` measures that loader here).
+
+    .venv/bin/python benchmarks/ssl_throughput.py [--epochs 3] [--batch 512] [--no-compile]
+    .venv/bin/python benchmarks/ssl_throughput.py --data digits --epochs 1   # CPU smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import time
+from pathlib import Path
+
+from common import REPO, cifar_overrides, machine, make_workspace, read_json, run_stage
+
+
+def prepare_data(root: Path, env: dict[str, str]) -> None:
+    if (root / "data/augment/policies.json").exists():
+        return
+    for stage in ("download", "validate", "prepare", "augment"):
+        print(f"[data] {stage}: {run_stage(root, stage, env=env):.1f} s", flush=True)
+
+
+def reference_loader(root: Path, workers: int, batch: int, batches: int) -> float:
+    """Pairs/s of a classic two-view loader: PIL images, per-image v2 transforms, workers."""
+    import torch
+    from PIL import Image
+    from torchvision.transforms import v2
+
+    from refinery.data.prepared import load_split
+
+    images = load_split(root / "data/prepared/train.pt").images
+    view = v2.Compose([
+        v2.RandomResizedCrop(32, scale=(0.2, 1.0)), v2.RandomHorizontalFlip(),
+        v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8), v2.RandomGrayscale(0.2),
+        v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True)])
+
+    class TwoViews(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return images.shape[0]
+
+        def __getitem__(self, index: int):
+            picture = Image.fromarray(images[index].permute(1, 2, 0).numpy())
+            return view(picture), view(picture)
+
+    loader = torch.utils.data.DataLoader(TwoViews(), batch_size=batch, shuffle=True,
+                                         num_workers=workers, drop_last=True,
+                                         pin_memory=torch.cuda.is_available(),
+                                         persistent_workers=workers > 0)
+    iterator = iter(loader)
+    next(iterator)  # start-up of the workers is not throughput
+    start = time.perf_counter()
+    for _ in range(batches):
+        next(iterator)
+    return batches * batch / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", type=Path, default=REPO / "benchmarks/.work/ssl")
+    parser.add_argument("--data", choices=["cifar", "digits"], default="cifar")
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=512)
+    parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--reference", action="store_true", help="also time a PIL DataLoader")
+    parser.add_argument("--workers", type=int, default=14)
+    args = parser.parse_args()
+
+    root = args.workdir / args.data
+    overrides = cifar_overrides() if args.data == "cifar" else {}
+    overrides.update({"pretrain.epochs": args.epochs, "pretrain.batch_size": args.batch,
+                      "pretrain.knn_every": 1000, "engine.compile": not args.no_compile,
+                      "engine.checkpoint_every_steps": 0, "engine.log_every_steps": 50})
+    make_workspace(root, overrides)
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{root.resolve() / 'mlflow.db'}"}
+    prepare_data(root, env)
+    wall = run_stage(root, "pretrain", env=env)
+    with open(root / "plots/pretrain.csv") as fh:
+        history = list(csv.DictReader(fh))
+    print(f"\nmachine: {machine()}")
+    print(f"SimCLR pretraining, ResNet-18, {args.data}, global batch {args.batch}, "
+          f"compile={not args.no_compile}")
+    print(f"{'epoch':>5} {'pairs/s':>10} {'loss':>8}")
+    for row in history:
+        print(f"{row['epoch']:>5} {float(row['samples_per_second']):10.0f} "
+              f"{float(row['train_loss']):8.4f}")
+    sustained = [float(r["samples_per_second"]) for r in history[1:]] or [
+        float(history[0]["samples_per_second"])]
+    metrics = read_json(root / "metrics/pretrain.json")
+    print(f"sustained (epochs after the first): {min(sustained):.0f}-{max(sustained):.0f} "
+          f"pairs/s; stage wall {wall:.1f} s, training {metrics['train_seconds']:.1f} s "
+          "(target >= 18,000 pairs/s on one H100)")
+    if args.reference:
+        rate = reference_loader(root, args.workers, args.batch, batches=20)
+        print(f"reference two-view PIL DataLoader, {args.workers} workers: {rate:.0f} pairs/s "
+              "(loading and augmenting only, no model)")
+
+
+if __name__ == "__main__":
+    main()
