@@ -284,10 +284,10 @@ class OptimParams(Section):
 
 
 class PretrainParams(Section):
-    epochs: int = Field(20, ge=1, le=10_000)
-    batch_size: int = Field(256, ge=2, le=65_536)
+    epochs: int = Field(8, ge=1, le=10_000)
+    batch_size: int = Field(128, ge=2, le=65_536)
     accumulate: int = Field(1, ge=1, le=1024)
-    optim: OptimParams = OptimParams(optimizer="lars", lr=1.0, weight_decay=1e-6)
+    optim: OptimParams = OptimParams(optimizer="sgd", lr=0.5, weight_decay=5e-4)
     temperature: float = Field(0.2, gt=0, le=10)
     projection_dim: int = Field(128, ge=8, le=4096)
     projection_hidden: int = Field(512, ge=8, le=8192)
