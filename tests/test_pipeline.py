@@ -62,7 +62,7 @@ def test_every_model_is_well_above_chance(pipeline: tuple[Path, dict[str, str]])
     table = (root / "reports/evaluate/comparison.md").read_text()
     for name in metrics:
         assert f"| {name} |" in table
-    assert "Pretraining bought" in table
+    assert "Pretraining: teacher minus scratch" in table
     for name in metrics:
         assert (root / f"reports/evaluate/{name}/confusion.png").stat().st_size > 1000
         assert (root / f"reports/evaluate/{name}/reliability.png").stat().st_size > 1000

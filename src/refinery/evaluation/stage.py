@@ -156,6 +156,11 @@ def evaluate(p: EvaluateParams, seed: int, prepared_dir: Path, model_dirs: dict[
     return EvaluateResult(reports, compiled_student_ms, markdown + "\n" + note)
 
 
+def _ratio(reports: dict[str, ModelReport], big: str, small: str) -> str:
+    a, b = reports[big].cost.parameters, reports[small].cost.parameters
+    return f"{a / b:.0f}" if a and b else "?"
+
+
 def _cost_note(reports: dict[str, ModelReport], compiled_student_ms: float | None,
                p: EvaluateParams) -> str:
     """Plain sentences under the table: what each step cost and bought."""
@@ -164,12 +169,12 @@ def _cost_note(reports: dict[str, ModelReport], compiled_student_ms: float | Non
         "",
         f"CPU latency at batch 1 with {p.latency.threads} thread(s); fp32 rows run eagerly, "
         "the int8 row runs compiled (oneDNN int8 kernels).",
-        f"- Pretraining bought {100 * (acc['teacher'] - acc['scratch']):+.1f} points "
-        "over training the same network from scratch on the same labels.",
-        f"- Distillation cost {100 * (acc['teacher'] - acc['student']):+.1f} points "
-        "(teacher minus student).",
-        f"- int8 quantization cost {100 * (acc['student'] - acc['student_int8']):+.1f} points "
-        "(fp32 student minus int8 student).",
+        f"- Pretraining: teacher minus scratch = {100 * (acc['teacher'] - acc['scratch']):+.1f} "
+        "accuracy points (same network, same labels).",
+        f"- Distillation: student minus teacher = {100 * (acc['student'] - acc['teacher']):+.1f} "
+        f"points, with {_ratio(reports, 'teacher', 'student')}x fewer parameters.",
+        f"- Quantization: int8 minus fp32 student = "
+        f"{100 * (acc['student_int8'] - acc['student']):+.1f} points.",
     ]
     int8_latency = reports["student_int8"].cost.latency
     fp32_latency = reports["student"].cost.latency
