@@ -14,14 +14,10 @@ import torch
 from rawdata import Extra, Spec, encode, files_dataset, picture
 
 from refinery.data import manifest as manifest_mod
-from refinery.data.prepare import (
-    channel_stats,
-    labeled_subset,
-    prepare,
-    stratified_holdout,
-)
+from refinery.data.prepare import channel_stats, prepare
 from refinery.data.prepared import SPLIT_FILES, load_prepared
 from refinery.data.raw import RawDataset, to_pixels
+from refinery.data.splits import labeled_subset, stratified_holdout
 from refinery.errors import DataValidationFailed
 from refinery.params import ImageParams, PrepareParams
 

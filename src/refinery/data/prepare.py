@@ -32,6 +32,7 @@ import pandas as pd
 from refinery import fsutil
 from refinery.data import manifest as manifest_mod
 from refinery.data.raw import RawDataset
+from refinery.data.splits import labeled_subset, stratified_holdout
 from refinery.errors import DataValidationFailed
 from refinery.params import ImageParams, PrepareParams
 
@@ -60,38 +61,6 @@ class PrepareResult:
                     "decoded_images": float(sum(self.counts.values()) if self.decoded else 0)})
         out.update({key: round(value, 3) for key, value in self.timings.items()})
         return out
-
-
-def _round_half_up(x: float) -> int:
-    """Conventional rounding (Python's round() sends 2.5 to 2)."""
-    return int(np.floor(x + 0.5))
-
-
-def stratified_holdout(labels: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
-    """Boolean mask of ``round(n_c * fraction)`` items of each class ``c``, chosen by ``rng``.
-
-    Per-class rounding keeps each class's share the same on both sides (what
-    sklearn's ``train_test_split(stratify=...)`` approximates globally) and,
-    unlike it, works for any class size: a class of two or more keeps at least
-    one item on each side; a singleton stays out of the holdout.
-    """
-    held = np.zeros(len(labels), dtype=bool)
-    for label in np.unique(labels):
-        members = np.flatnonzero(labels == label)
-        n = _round_half_up(len(members) * fraction)
-        n = min(max(n, 1), len(members) - 1) if len(members) >= 2 else 0
-        held[rng.permutation(members)[:n]] = True
-    return held
-
-
-def labeled_subset(labels: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
-    """Sorted indices of ``max(1, round(n_c * fraction))`` items of each class."""
-    picked: list[np.ndarray] = []
-    for label in np.unique(labels):
-        members = np.flatnonzero(labels == label)
-        n = min(len(members), max(1, _round_half_up(len(members) * fraction)))
-        picked.append(rng.permutation(members)[:n])
-    return np.sort(np.concatenate(picked)) if picked else np.zeros(0, dtype=np.int64)
 
 
 def channel_histograms(pixels: np.ndarray, channel_axis: int = -1) -> np.ndarray:

@@ -24,6 +24,7 @@ import pandas as pd
 
 from refinery.data.archive import PackedArchive, PackedMember, keep_members
 from refinery.data.raw import PACKED_BLOB, packed_location
+from refinery.data.splits import stratified_holdout
 from refinery.errors import DataLayoutError
 from refinery.params import DownloadParams
 
@@ -63,19 +64,8 @@ def is_junk(rel: str) -> bool:
 
 
 def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> np.ndarray:
-    """Boolean test mask: ``round(n_c * test_fraction)`` of each class, chosen by ``seed``.
-
-    Per-class rounding keeps every class's share equal in both splits; a class
-    with at least two items gets at least one of each, a singleton stays in train.
-    """
-    rng = np.random.default_rng(seed)
-    test = np.zeros(len(labels), dtype=bool)
-    for label in np.unique(labels):
-        members = np.flatnonzero(labels == label)
-        n_test = round(len(members) * test_fraction)
-        n_test = min(max(n_test, 1), len(members) - 1) if len(members) >= 2 else 0
-        test[rng.permutation(members)[:n_test]] = True
-    return test
+    """Boolean test mask for a one-split source (see :func:`splits.stratified_holdout`)."""
+    return stratified_holdout(labels, test_fraction, np.random.default_rng(seed))
 
 
 def _array_records(split: str, labels: np.ndarray, classes: list[str],

@@ -11,7 +11,6 @@ import contextlib
 import logging
 import os
 import random
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -198,17 +197,3 @@ def _convert_cpu(module: nn.Module) -> nn.Module:
     for name, child in module.named_children():
         result.add_module(name, _convert_cpu(child))
     return result
-
-
-@contextlib.contextmanager
-def threads(count: int | None) -> Iterator[None]:
-    """Temporarily fix torch's intra-op thread count."""
-    if count is None:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)

@@ -5,13 +5,15 @@ from __future__ import annotations
 import csv
 import io
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from refinery import fsutil
+from refinery import fsutil, models
+from refinery.engine.checkpoint import Checkpointer
 from refinery.engine.data import DeviceData, to_float
 from refinery.engine.runtime import Runtime
 
@@ -100,3 +102,34 @@ def plot_history(history: Sequence[dict[str, float]], groups: dict[str, Sequence
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
     return path
+
+
+@dataclass
+class TrainResult:
+    """What a training stage returns: its metrics (for DVC and MLflow) and its curves."""
+
+    metrics_: dict[str, float]
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    def metrics(self) -> dict[str, float]:
+        return dict(self.metrics_)
+
+
+def finish_training(rt: Runtime, ckpt: Checkpointer, model: nn.Module, out_dir: Path,
+                    extra: dict, history: list[dict[str, float]], plots_csv: Path,
+                    curves_png: Path, curves: dict[str, Sequence[str]], title: str,
+                    metrics: dict[str, float]) -> TrainResult:
+    """Rank 0 writes the model, the curves (CSV for DVC, PNG); then the checkpoint goes.
+
+    The checkpoint is removed only after the outputs exist, so a crash while
+    writing them resumes from the end of training instead of starting over.
+    """
+    if rt.is_main:
+        models.save_model(model, out_dir, extra={**extra, "metrics": metrics})
+        write_history_csv(history, plots_csv)
+        plot_history(history, curves, curves_png, title)
+    rt.barrier()
+    if rt.is_main:
+        ckpt.clear()
+    rt.close()
+    return TrainResult(metrics, history)

@@ -15,7 +15,6 @@ unlabeled data pays off.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -38,7 +37,12 @@ from refinery.engine import (
 from refinery.engine.runtime import Runtime
 from refinery.errors import RefineryError
 from refinery.params import DistillParams, EngineParams, ModelParams
-from refinery.training.common import accuracy, plot_history, run_model, write_history_csv
+from refinery.training.common import (
+    TrainResult,
+    accuracy,
+    finish_training,
+    run_model,
+)
 
 log = logging.getLogger(__name__)
 
@@ -105,19 +109,11 @@ class DistillTask:
                 "val_loss": float(F.cross_entropy(logits, labels.to(logits.device)))}
 
 
-@dataclass
-class DistillResult:
-    metrics_: dict[str, float]
-    history: list[dict[str, float]] = field(default_factory=list)
-
-    def metrics(self) -> dict[str, float]:
-        return dict(self.metrics_)
-
 
 def distill(p: DistillParams, model_p: ModelParams, engine_p: EngineParams, seed: int,
             prepared_dir: Path, policies_path: Path, teacher_dir: Path, out_dir: Path,
             checkpoint_dir: Path, plots_csv: Path, curves_png: Path,
-            sink: MetricSink | None = None) -> DistillResult:
+            sink: MetricSink | None = None) -> TrainResult:
     """Distill ``teacher_dir``'s model into a student; write it to ``out_dir``."""
     rt = make_runtime(engine_p, seed)
     data = load_prepared(prepared_dir, splits=("train", "val"))
@@ -167,14 +163,7 @@ def distill(p: DistillParams, model_p: ModelParams, engine_p: EngineParams, seed
         "resumed_at_step": outcome.resumed_at_step,
         "tracking_seconds": outcome.tracking_seconds,
     }
-    if rt.is_main:
-        models.save_model(task.model, out_dir, extra={"stage": "distill", "metrics": metrics})
-        write_history_csv(outcome.history, plots_csv)
-        plot_history(outcome.history, {"loss": ["train_loss", "train_kd", "val_loss"],
-                                       "accuracy": ["val_acc"], "learning rate": ["lr"]},
-                     curves_png, "distillation")
-    rt.barrier()
-    if rt.is_main:
-        ckpt.clear()
-    rt.close()
-    return DistillResult(metrics, outcome.history)
+    return finish_training(
+        rt, ckpt, task.model, out_dir, {"stage": "distill"}, outcome.history, plots_csv,
+        curves_png, {"loss": ["train_loss", "train_kd", "val_loss"], "accuracy": ["val_acc"],
+                     "learning rate": ["lr"]}, "distillation", metrics)

@@ -9,7 +9,6 @@ labels, the baseline that says what pretraining bought.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -33,7 +32,12 @@ from refinery.engine import (
 from refinery.engine.runtime import Runtime
 from refinery.errors import RefineryError
 from refinery.params import EngineParams, FinetuneParams, ModelParams
-from refinery.training.common import accuracy, plot_history, run_model, write_history_csv
+from refinery.training.common import (
+    TrainResult,
+    accuracy,
+    finish_training,
+    run_model,
+)
 
 log = logging.getLogger(__name__)
 
@@ -86,14 +90,6 @@ class ClassifierTask:
         return metrics
 
 
-@dataclass
-class FinetuneResult:
-    metrics_: dict[str, float]
-    history: list[dict[str, float]] = field(default_factory=list)
-
-    def metrics(self) -> dict[str, float]:
-        return dict(self.metrics_)
-
 
 def build_classifier(data: PreparedData, model_p: ModelParams, init: Init,
                      pretrained_dir: Path | None) -> models.ImageClassifier:
@@ -123,7 +119,7 @@ def build_classifier(data: PreparedData, model_p: ModelParams, init: Init,
 def finetune(p: FinetuneParams, model_p: ModelParams, engine_p: EngineParams, seed: int,
              init: Init, prepared_dir: Path, policies_path: Path, pretrained_dir: Path | None,
              out_dir: Path, checkpoint_dir: Path, plots_csv: Path, curves_png: Path,
-             sink: MetricSink | None = None, monitor_test: bool = False) -> FinetuneResult:
+             sink: MetricSink | None = None, monitor_test: bool = False) -> TrainResult:
     """Train a classifier on the labeled subset; write it to ``out_dir``.
 
     ``monitor_test`` also scores the test split every evaluation (benchmarks use it
@@ -181,16 +177,8 @@ def finetune(p: FinetuneParams, model_p: ModelParams, engine_p: EngineParams, se
     }
     if monitor_test:
         metrics["test_acc"] = final.get("test_acc", float("nan"))
-    if rt.is_main:
-        models.save_model(task.model, out_dir, extra={"stage": stage, "init": init,
-                                                      "metrics": metrics})
-        write_history_csv(outcome.history, plots_csv)
-        plot_history(outcome.history, {"loss": ["train_loss", "val_loss"],
-                                       "accuracy": ["train_acc", "val_acc", "test_acc"],
-                                       "learning rate": ["lr"]}, curves_png,
-                     f"fine-tuning ({init})")
-    rt.barrier()
-    if rt.is_main:
-        ckpt.clear()
-    rt.close()
-    return FinetuneResult(metrics, outcome.history)
+    return finish_training(
+        rt, ckpt, task.model, out_dir, {"stage": stage, "init": init}, outcome.history,
+        plots_csv, curves_png, {"loss": ["train_loss", "val_loss"],
+                                "accuracy": ["train_acc", "val_acc", "test_acc"],
+                                "learning rate": ["lr"]}, f"fine-tuning ({init})", metrics)

@@ -9,7 +9,6 @@ used for training; a kNN classifier on frozen features (labeled train subset
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -31,7 +30,12 @@ from refinery.engine import (
 )
 from refinery.engine.runtime import Runtime
 from refinery.params import EngineParams, ModelParams, PretrainParams
-from refinery.training.common import knn_accuracy, plot_history, run_model, write_history_csv
+from refinery.training.common import (
+    TrainResult,
+    finish_training,
+    knn_accuracy,
+    run_model,
+)
 
 log = logging.getLogger(__name__)
 
@@ -122,19 +126,11 @@ class PretrainTask:
             self.num_classes, k=self.knn_k)}
 
 
-@dataclass
-class PretrainResult:
-    metrics_: dict[str, float]
-    history: list[dict[str, float]] = field(default_factory=list)
-
-    def metrics(self) -> dict[str, float]:
-        return dict(self.metrics_)
-
 
 def pretrain(p: PretrainParams, model_p: ModelParams, engine_p: EngineParams, seed: int,
              prepared_dir: Path, policies_path: Path, out_dir: Path, checkpoint_dir: Path,
              plots_csv: Path, curves_png: Path, sink: MetricSink | None = None,
-             ) -> PretrainResult:
+             ) -> TrainResult:
     """Train the teacher backbone with SimCLR; write it to ``out_dir``."""
     rt = make_runtime(engine_p, seed)
     data = load_prepared(prepared_dir, splits=("train", "val"))
@@ -176,16 +172,7 @@ def pretrain(p: PretrainParams, model_p: ModelParams, engine_p: EngineParams, se
         "resumed_at_step": outcome.resumed_at_step,
         "tracking_seconds": outcome.tracking_seconds,
     }
-    if rt.is_main:
-        models.save_model(task.model.encoder, out_dir, extra={"stage": "pretrain",
-                                                               "metrics": metrics})
-        write_history_csv(outcome.history, plots_csv)
-        plot_history(outcome.history, {"loss": ["train_loss"],
-                                       "accuracy": ["knn_acc", "train_contrastive_acc"],
-                                       "learning rate": ["lr"]}, curves_png,
-                     "SimCLR pretraining")
-    rt.barrier()
-    if rt.is_main:
-        ckpt.clear()
-    rt.close()
-    return PretrainResult(metrics, outcome.history)
+    return finish_training(
+        rt, ckpt, task.model.encoder, out_dir, {"stage": "pretrain"}, outcome.history, plots_csv,
+        curves_png, {"loss": ["train_loss"], "accuracy": ["knn_acc", "train_contrastive_acc"],
+                     "learning rate": ["lr"]}, "SimCLR pretraining", metrics)
