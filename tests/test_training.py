@@ -113,21 +113,31 @@ def test_sigkill_then_restart_resumes_to_the_same_weights(digits: Path, tmp_path
     assert not checkpoint.exists()  # cleared once the outputs are written
 
 
+#: One epoch at a small learning rate. At the default rates this ResNet-18 on 8x8
+#: images amplifies reduction-order differences (one thread against two in the same
+#: process is enough) into different trajectories within a few steps, so a long run
+#: can only be compared loosely. Here the arithmetic stays comparable, and any
+#: mistake in sharding, per-rank augmentation, SyncBatchNorm, cross-rank negatives or
+#: the metric reduction shows as a gap orders of magnitude above the measured noise
+#: (train loss 1e-7 relative for finetune, 6e-5 for pretrain; weights 1e-4 relative).
+DDP_SETTINGS = {"engine.deterministic": True,
+                "pretrain.epochs": 1, "pretrain.optim.lr": 1e-3,
+                "finetune.epochs": 1, "finetune.optim.lr": 1e-3}
+
+
 @pytest.mark.parametrize("stage", ["pretrain", "finetune"])
 def test_torchrun_two_processes_match_one(digits: Path, tmp_path: Path, stage: str) -> None:
     if shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None:
         pytest.skip("torchrun not installed beside this python")
-    settings = {**TINY_TRAINING, "engine.deterministic": True}
+    settings = {**TINY_TRAINING, **DDP_SETTINGS}
+    args = ["finetune", "--init", "scratch"] if stage == "finetune" else ["pretrain"]
+    one_thread = {"OMP_NUM_THREADS": "1"}  # each rank below runs on one thread too
     single = copy_workspace(digits, tmp_path / "single", ("params.yaml", "data", "models"))
     write_params(single, settings)
-    if stage == "finetune":
-        run_cli(single, "finetune", "--init", "scratch")
-    else:
-        run_cli(single, "pretrain")
+    run_cli(single, *args, env=one_thread)
     multi = copy_workspace(digits, tmp_path / "multi", ("params.yaml", "data", "models"))
     write_params(multi, settings)
-    args = ["finetune", "--init", "scratch"] if stage == "finetune" else ["pretrain"]
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), **one_thread}
     result = subprocess.run(
         [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node=2",
          "--standalone", "-m", "refinery", *args],
@@ -135,11 +145,15 @@ def test_torchrun_two_processes_match_one(digits: Path, tmp_path: Path, stage: s
     assert result.returncode == 0, result.stderr[-5000:]
     name = "finetune_scratch" if stage == "finetune" else "pretrain"
     one, two = _metrics(single, name), _metrics(multi, name)
-    keys = ["val_acc", "train_loss"] if stage == "finetune" else ["knn_acc", "loss"]
-    for key in keys:
-        assert two[key] == pytest.approx(one[key], abs=0.02), (key, one, two)
+    loss_key, acc_key = ("train_loss", "val_acc") if stage == "finetune" else ("loss", "knn_acc")
+    assert two[loss_key] == pytest.approx(one[loss_key], rel=5e-4), (one, two)
+    assert two[acc_key] == pytest.approx(one[acc_key], abs=0.05), (one, two)
     out = "models/scratch" if stage == "finetune" else "models/pretrained"
     a, b = _state(single / out), _state(multi / out)
+    weights = [k for k in a if a[k].is_floating_point() and "running_" not in k]
+    gap = sum(float((a[k] - b[k]).float().pow(2).sum()) for k in weights) ** 0.5
+    norm = sum(float(a[k].float().pow(2).sum()) for k in weights) ** 0.5
+    assert gap / norm < 2e-3, f"weights drifted by {gap / norm:.2e} relative"
     worst = max(float((a[k].float() - b[k].float()).abs().max()) for k in a
                 if a[k].is_floating_point())
-    assert worst < 1e-2, f"weights drifted by {worst}"
+    assert worst < 1e-2, f"a tensor drifted by {worst}"
