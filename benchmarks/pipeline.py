@@ -64,6 +64,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=REPO / "benchmarks/.work/pipeline")
     parser.add_argument("--data", choices=["digits", "cifar"], default="digits")
+    parser.add_argument("--archive", type=Path, default=None,
+                        help="a CIFAR-10 JPEG archive (default: the shared full one)")
     parser.add_argument("--from", dest="first", default="download")
     parser.add_argument("--to", dest="last", default="evaluate")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
@@ -75,7 +77,9 @@ def main() -> None:
     root = args.workdir / args.data
     if args.fresh and root.exists():
         shutil.rmtree(root)
-    overrides = cifar_overrides() if args.data == "cifar" else {}
+    overrides = {}
+    if args.data == "cifar":
+        overrides = cifar_overrides(args.archive) if args.archive else cifar_overrides()
     overrides.update(parse_assignments(args.set))
     make_workspace(root, overrides)
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{root.resolve() / 'mlflow.db'}"}
