@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import argparse
 import collections
-import hashlib
 import io
 import tarfile
 from pathlib import Path
 
 from common import SHARED_CIFAR
+
+from refinery.data.fetch import file_digests
 
 
 def main() -> None:
@@ -40,7 +41,7 @@ def main() -> None:
             info.size, info.mtime = len(data), 0
             target.addfile(info, io.BytesIO(data))
     partial.replace(args.out)
-    digest = hashlib.sha256(args.out.read_bytes()).hexdigest()
+    digest = file_digests(args.out)["sha256"]
     print(f"{args.out}: {sum(counts.values())} train images, sha256:{digest}")
 
 
