@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -165,24 +166,39 @@ class MlflowServer(ServerProcess):
         return MlflowClient(tracking_uri=self.uri)
 
 
-class PrefectServer(ServerProcess):
-    """``prefect server start`` on loopback with its own ``PREFECT_HOME`` (sqlite)."""
+#: What a failing server service (the scheduler, above all) writes to the server log.
+SERVICE_ERROR = re.compile(r"Traceback \(most recent call last\)|\| ERROR +\||"
+                           r"InvalidRequestError|Unexpected error in: ")
 
-    def __init__(self, home: Path) -> None:
+
+class PrefectServer(ServerProcess):
+    """``prefect server start`` on loopback with its own ``PREFECT_HOME`` (sqlite).
+
+    ``scheduler``: off by default (a 02:00 nightly run must not join the tests);
+    on, it loops every few seconds so a schedule's runs appear within a test.
+    """
+
+    def __init__(self, home: Path, scheduler: bool = False) -> None:
         self.port = free_port()
         self.home = home
         home.mkdir(parents=True, exist_ok=True)
         argv = [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
                 "--port", str(self.port), "--analytics-off"]
-        # No scheduler (a 02:00 nightly run must not join the tests), no automations,
-        # and patient sqlite waits: two shared cores under load make writers queue.
+        # No automations, and patient sqlite waits: two shared cores under load make
+        # writers queue.
         env = tool_env({"PREFECT_HOME": str(home),
-                        "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false",
+                        "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": str(scheduler).lower(),
+                        "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "5",
                         "PREFECT_SERVER_SERVICES_TRIGGERS_ENABLED": "false",
                         "PREFECT_SERVER_DATABASE_TIMEOUT": "60",
                         "PREFECT_SERVER_DATABASE_CONNECTION_TIMEOUT": "30"})
         super().__init__("prefect server", argv, f"{self.api_url}/health", env,
                          home / "server.log")
+
+    def service_errors(self) -> list[str]:
+        """Error lines of the server log (a crashing service logs there, nowhere else)."""
+        lines = self.log_tail(chars=2_000_000).splitlines()
+        return [line for line in lines if SERVICE_ERROR.search(line)]
 
     @property
     def api_url(self) -> str:
