@@ -18,7 +18,7 @@ from refinery.profiles import apply_profile, available
 def test_the_shipped_params_file_is_valid() -> None:
     params = load_params(REPO / "params.yaml")
     assert params.download.source == "builtin"
-    assert params.images.size == 8 and params.images.channels == 1
+    assert params.images.side == 8 and params.images.channels == 1
     assert 0 < params.prepare.label_fraction < 0.5
 
 
@@ -27,7 +27,7 @@ def test_the_shipped_params_file_is_valid() -> None:
     [
         ({"download": {"sorce": "builtin"}}, "download.sorce: unknown key"),
         ({"tracking": {"experimnt": "x"}}, "tracking.experimnt: unknown key"),
-        ({"images": {"size": "big"}}, "images.size: Input should be a valid integer"),
+        ({"images": {"side": "big"}}, "images.side: Input should be a valid integer"),
         ({"images": {"channels": 2}}, "images.channels: Input should be 1 or 3"),
         ({"download": {"http": {"retries": -1}}}, "download.http.retries: Input should be greater"),
         ({"prepare": {"label_fraction": 0}}, "prepare.label_fraction: Input should be greater"),
@@ -49,9 +49,9 @@ def test_bad_values_name_the_key(raw: dict, expected: str) -> None:
 
 def test_every_error_is_reported_at_once() -> None:
     with pytest.raises(ParamsError) as info:
-        parse_params({"images": {"size": 0}, "seed": -1, "bogus": 1})
+        parse_params({"images": {"side": 0}, "seed": -1, "bogus": 1})
     text = str(info.value)
-    assert "images.size" in text and "seed" in text and "bogus: unknown key" in text
+    assert "images.side" in text and "seed" in text and "bogus: unknown key" in text
 
 
 def test_cli_refuses_bad_params_before_any_work(tmp_path: Path) -> None:
@@ -71,11 +71,11 @@ def test_profiles_switch_the_data_set_and_keep_comments(tmp_path: Path) -> None:
     assert {"cifar10", "cifar10-jpeg", "image-folder"} <= set(available())
     params = apply_profile(target, "cifar10")
     assert params.download.source == "cifar10-binary"
-    assert (params.images.size, params.images.channels) == (32, 3)
+    assert (params.images.side, params.images.channels) == (32, 3)
     params = apply_profile(target, "image-folder",
-                           ["download.url=https://example.com/flowers.tar.gz", "images.size=48"])
+                           ["download.url=https://example.com/flowers.tar.gz", "images.side=48"])
     assert params.download.url == "https://example.com/flowers.tar.gz"
-    assert params.images.size == 48
+    assert params.images.side == 48
     text = target.read_text()
     assert "# builtin | cifar10-binary | image-folder" in text  # comments survive
     assert load_params(target) == params
@@ -85,8 +85,8 @@ def test_a_bad_override_leaves_params_untouched(tmp_path: Path) -> None:
     target = tmp_path / "params.yaml"
     shutil.copy(REPO / "params.yaml", target)
     before = target.read_bytes()
-    with pytest.raises(ParamsError, match=r"images\.size"):
-        apply_profile(target, None, ["images.size=2"])
+    with pytest.raises(ParamsError, match=r"images\.side"):
+        apply_profile(target, None, ["images.side=2"])
     with pytest.raises(ParamsError, match="no profile 'imagenet'"):
         apply_profile(target, "imagenet")
     assert target.read_bytes() == before

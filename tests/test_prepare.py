@@ -21,7 +21,7 @@ from refinery.data.splits import labeled_subset, stratified_holdout
 from refinery.errors import DataValidationFailed
 from refinery.params import ImageParams, PrepareParams
 
-IMAGES = ImageParams(size=8, channels=3)
+IMAGES = ImageParams(side=8, channels=3)
 SPEC = Spec(per_class={"train": 20, "test": 4})
 OUTPUTS = (*(f"{name}.pt" for name in SPLIT_FILES), "labeled.pt", "meta.json")
 
@@ -243,7 +243,7 @@ def test_pixels_file_of_another_shape_is_refused(dataset: Path, change: str) -> 
 def test_other_resize_than_validated_is_refused(dataset: Path) -> None:
     """Same shape, other conversion: only the manifest's info can tell."""
     with pytest.raises(DataValidationFailed, match=r"'resize': 'crop'.*'resize': 'stretch'"):
-        run(dataset, images=ImageParams(size=8, channels=3, resize="stretch"))
+        run(dataset, images=ImageParams(side=8, channels=3, resize="stretch"))
 
 
 def test_result_metrics(dataset: Path) -> None:
@@ -295,7 +295,7 @@ def test_same_pixels_in_other_raw_bytes_are_accepted(dataset: Path) -> None:
 
 def test_other_image_params_than_validated_are_refused(dataset: Path) -> None:
     with pytest.raises(DataValidationFailed, match="run the validate stage again"):
-        run(dataset, images=ImageParams(size=16, channels=3))
+        run(dataset, images=ImageParams(side=16, channels=3))
 
 
 def test_failed_prepare_keeps_the_previous_output(dataset: Path) -> None:
@@ -344,7 +344,7 @@ def test_shared_cifar10_validates_and_prepares(tmp_path: Path, shared_cifar: Pat
 
     download(DownloadParams(source="image-folder", url=str(shared_cifar)),
              tmp_path / "raw", tmp_path / "downloads", seed=0)
-    images = ImageParams(size=32, channels=3)
+    images = ImageParams(side=32, channels=3)
     checked = validate(ValidateParams(rows={"train": (45000, 55000), "test": (9000, 11000)},
                                       min_class_fraction=0.08),
                        images, tmp_path / "raw", tmp_path / "manifest.parquet",

@@ -54,7 +54,7 @@ def _pipeline(monkeypatch: pytest.MonkeyPatch) -> str:
 
 def _fake_stage(stage: str, metrics: dict[str, float], steps: int = 3, **kwargs) -> str:
     """What an adapter does: open the run, work, write outputs, log them."""
-    with tracking.stage_run(stage, {"seed": 0, "images": {"size": 8}}, **kwargs) as run:
+    with tracking.stage_run(stage, {"seed": 0, "images": {"side": 8}}, **kwargs) as run:
         for step in range(steps):
             run.log_metrics({"loss": 1.0 / (step + 1)}, step=step)
         report = Path("reports") / stage / "report.txt"

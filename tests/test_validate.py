@@ -24,7 +24,7 @@ from refinery.data.validate import ValidationResult, validate
 from refinery.errors import DataValidationFailed
 from refinery.params import ImageParams, ValidateParams
 
-IMAGES = ImageParams(size=8, channels=3)
+IMAGES = ImageParams(side=8, channels=3)
 
 
 def vparams(**changes: object) -> ValidateParams:
@@ -47,7 +47,7 @@ def assert_handed_over(tmp_path: Path, images: ImageParams = IMAGES) -> np.ndarr
     manifest, info = manifest_mod.read_manifest(tmp_path / "manifest.parquet")
     pixels = np.load(tmp_path / "pixels.npy")
     assert pixels.dtype == np.uint8
-    assert pixels.shape == (len(manifest), images.size, images.size, images.channels)
+    assert pixels.shape == (len(manifest), images.side, images.side, images.channels)
     assert manifest_mod.hash_rows(pixels) == manifest["content_hash"].tolist()
     raw = RawDataset.load(tmp_path / "raw")
     assert info == {"images": images.model_dump(mode="json"),
@@ -131,12 +131,12 @@ def test_clean_dataset_passes_and_writes_everything(tmp_path: Path, kind: str) -
 
 def test_arrays_dataset_passes(tmp_path: Path) -> None:
     arrays_dataset(tmp_path / "raw")
-    result = run(tmp_path, images=ImageParams(size=8, channels=1))
+    result = run(tmp_path, images=ImageParams(side=8, channels=1))
     assert result.success, result.summary()
     manifest = pd.read_parquet(tmp_path / "manifest.parquet")
     assert set(manifest["mode"]) == {"L"} and (manifest["nbytes"] == 64).all()
     assert (manifest["out_channels"] == 1).all()
-    pixels = assert_handed_over(tmp_path, ImageParams(size=8, channels=1))
+    pixels = assert_handed_over(tmp_path, ImageParams(side=8, channels=1))
     assert np.array_equal(pixels[:36], np.load(tmp_path / "raw" / "arrays" / "train.npy"))
 
 
@@ -427,7 +427,7 @@ def test_batched_jpeg_decoding_matches_one_by_one(tmp_path: Path, kind: str,
                           picture(np.random.default_rng(9), size, 3, 2), "PNG")),
                   ])
     raw = RawDataset.load(tmp_path / "raw")
-    images = ImageParams(size=size, channels=3)
+    images = ImageParams(side=size, channels=3)
     monkeypatch.setattr(manifest_mod, "POOL_MIN_RECORDS", 1)
     monkeypatch.setattr(manifest_mod, "_MAX_CHUNK", 5)
     one_by_one: list[str] = []

@@ -110,5 +110,5 @@ def _apply_profile(args: argparse.Namespace) -> int:
         print(f"refinery profile: {exc}", file=sys.stderr)
         return 2
     print(f"{args.params}: {args.name or 'overrides'} applied (data: {params.download.source}, "
-          f"{params.images.size}x{params.images.size}x{params.images.channels})")
+          f"{params.images.side}x{params.images.side}x{params.images.channels})")
     return 0

@@ -115,9 +115,14 @@ class DownloadParams(Section):
 
 
 class ImageParams(Section):
-    """The shape every image is converted to, whatever its source size and mode."""
+    """The shape every image is converted to, whatever its source size and mode.
 
-    size: int = Field(8, ge=4, le=1024, description="output height and width in pixels")
+    ``side``, not ``size``: DVC 3.67 leaves every params key named ``size`` or
+    ``nfiles`` out of its run-cache key (treeverse/dvc#10296), so a change to it
+    would restore stale outputs ("cached - skipping run").
+    """
+
+    side: int = Field(8, ge=4, le=1024, description="output height and width in pixels")
     channels: Literal[1, 3] = 1
     resize: Literal["crop", "stretch"] = Field(
         "crop", description="crop: scale the short side then center-crop; stretch: ignore aspect"

@@ -157,7 +157,7 @@ def _image_checks(p: ValidateParams, images: ImageParams, classes: list[str]) ->
                              & (frame.index != i)]
         return f"same pixels as {shown_name(frame, others[0])}" if len(others) else "repeated"
 
-    size, channels = images.size, images.channels
+    size, channels = images.side, images.channels
     lo, hi = p.source_side
     checks = [
         Check(gxe.ExpectColumnValuesToNotBeNull(

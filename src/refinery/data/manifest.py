@@ -246,7 +246,7 @@ def convert(raw: RawDataset, location: str, images: ImageParams) -> tuple[Decode
 
     try:
         decoded = decode(raw, location)
-        pixels = to_pixels(decoded.image, images.size, images.channels, images.resize)
+        pixels = to_pixels(decoded.image, images.side, images.channels, images.resize)
     except UndecodableImage:
         raise
     except FileNotFoundError:
@@ -309,7 +309,7 @@ def _decode_plain(raw: RawDataset, locations: Sequence[str], images: ImageParams
     """
     from PIL import Image
 
-    size, channels, n = images.size, images.channels, len(locations)
+    size, channels, n = images.side, images.channels, len(locations)
     done = np.zeros(n, dtype=bool)
     nbytes = np.zeros(n, dtype=np.int64)
     mode = {1: "L", 3: "RGB"}.get(channels)
@@ -347,9 +347,9 @@ def _convert_chunk(task: tuple[int, Sequence[str], bool, str | None]) -> Chunk:
     raw: RawDataset = _worker["raw"]
     images: ImageParams = _worker["images"]
     n = len(locations)
-    shape = (images.size, images.size, images.channels)
+    shape = (images.side, images.side, images.channels)
     pixels, fits, nbytes = _decode_plain(raw, locations, images)  # rows of the configured shape
-    width = np.where(fits, images.size, -1).astype(np.int64)
+    width = np.where(fits, images.side, -1).astype(np.int64)
     height = width.copy()
     out_shape = np.where(fits[:, None], np.asarray(shape, dtype=np.int64), -1)
     mean = np.full(n, np.nan)
@@ -448,7 +448,7 @@ def map_chunks(
     n = len(locations)
     pooled = workers > 1 and n >= POOL_MIN_RECORDS
     size = min(_MAX_CHUNK, max(64, -(-n // (workers * 8)))) if pooled else 512
-    size = max(1, min(size, _CHUNK_BYTES // (images.size ** 2 * images.channels)))
+    size = max(1, min(size, _CHUNK_BYTES // (images.side ** 2 * images.channels)))
     out = None if pixels_out is None else str(pixels_out)
     tasks = [(start, list(locations[start:start + size]), keep_pixels, out)
              for start in range(0, n, size)]
@@ -548,7 +548,7 @@ def pixels_path_for(manifest_path: str | os.PathLike[str]) -> Path:
 
 
 def pixels_shape(rows: int, images: ImageParams) -> tuple[int, int, int, int]:
-    return rows, images.size, images.size, images.channels
+    return rows, images.side, images.side, images.channels
 
 
 def create_pixels(path: Path, rows: int, images: ImageParams) -> None:

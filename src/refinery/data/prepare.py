@@ -108,7 +108,7 @@ def _check_manifest(manifest: pd.DataFrame, images: ImageParams, classes: list[s
     """The manifest must be the one ``validate`` wrote for these ``images`` params."""
     if not manifest["decodable"].all():
         raise DataValidationFailed("the manifest lists undecodable images: run validate again")
-    shape = (images.size, images.size, images.channels)
+    shape = (images.side, images.side, images.channels)
     built = manifest[["out_height", "out_width", "out_channels"]].drop_duplicates()
     if len(manifest) == 0 or len(built) != 1 or tuple(int(v) for v in built.iloc[0]) != shape:
         found = sorted({tuple(int(v) for v in row) for row in built.dropna().to_numpy()})
@@ -284,7 +284,7 @@ def prepare(p: PrepareParams, images: ImageParams, seed: int, raw_dir: Path,
         meta = {
             "classes": classes,
             "channels": images.channels,
-            "size": images.size,
+            "size": images.side,
             "resize": images.resize,
             "mean": mean,
             "std": std,
