@@ -30,6 +30,7 @@ class Route:
     status: int = 200  # a fixed status (e.g. 404) instead of the body
     fail_times: int = 0  # answer fail_status this many times first
     fail_status: int = 503
+    fail_headers: dict[str, str] = field(default_factory=dict)  # e.g. Retry-After
     drop_after: int | None = None  # once: send this many body bytes, then close the socket
     stall_s: float = 0.0  # once: sleep after the headers (a read timeout for the client)
     ranges: bool = True  # honour "Range: bytes=N-" with 206; False: always 200, full body
@@ -142,7 +143,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if route.fail_times > 0:
             route.fail_times -= 1
-            self._reply(route.fail_status, b"scripted failure", {})
+            self._reply(route.fail_status, b"scripted failure", route.fail_headers)
             return
         body, status = route.body, 200
         headers = {"Accept-Ranges": "bytes" if route.ranges else "none", **route.headers}

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from loopback import LoopbackServer
 
-from refinery.data.fetch import cache_name, fetch, redact_url
+from refinery.data.fetch import cache_name, fetch, redact_url, retry_after_seconds
 from refinery.errors import ChecksumMismatch, DownloadError
 from refinery.params import HttpParams
 
@@ -43,6 +43,47 @@ def test_retries_exhausted_is_a_clear_error(loopback_server: LoopbackServer,
         fetch(url, tmp_path, None, HttpParams(retries=1, backoff_s=0))
     assert loopback_server.count() == 2
     assert cache_files(tmp_path) == []
+
+
+@pytest.mark.parametrize("status", [429, 503])
+def test_retry_after_is_honoured(loopback_server: LoopbackServer, tmp_path: Path,
+                                 status: int) -> None:
+    """The server's Retry-After wins over a shorter backoff (never ask again too early)."""
+    url = loopback_server.serve("/a.bin", PAYLOAD, fail_times=2, fail_status=status,
+                                fail_headers={"Retry-After": "1"})
+    got = fetch(url, tmp_path, sha256(PAYLOAD), FAST)
+    assert got.path.read_bytes() == PAYLOAD
+    assert got.waits == (1.0, 1.0)  # FAST backs off 0.01 s, 0.02 s: the header decided
+
+
+def test_a_retry_after_beyond_the_cap_fails_clearly(loopback_server: LoopbackServer,
+                                                    tmp_path: Path) -> None:
+    url = loopback_server.serve("/a.bin", PAYLOAD, fail_times=1, fail_status=429,
+                                fail_headers={"Retry-After": "86400"})
+    cache = tmp_path / "data" / "downloads"
+    with pytest.raises(DownloadError, match=r"HTTP 429.*retry after 86400s.*try again later"):
+        fetch(url, cache, sha256(PAYLOAD), FAST)
+    assert loopback_server.count("/a.bin") == 1
+    assert not (tmp_path / "data").exists()  # the folders it made for the cache are gone
+
+
+def test_retry_after_forms() -> None:
+    from datetime import UTC, datetime
+
+    now = datetime(2026, 11, 29, 12, 0, 0, tzinfo=UTC)
+    assert retry_after_seconds("120") == 120.0
+    assert retry_after_seconds("Sun, 29 Nov 2026 12:00:30 GMT", now) == 30.0
+    assert retry_after_seconds("Sun, 29 Nov 2026 11:00:00 GMT", now) == 0.0  # in the past
+    assert retry_after_seconds("soon") is None and retry_after_seconds(None) is None
+
+
+def test_a_failed_download_leaves_no_empty_cache_folder(loopback_server: LoopbackServer,
+                                                        tmp_path: Path) -> None:
+    cache = tmp_path / "data" / "downloads"
+    (tmp_path / "data").mkdir()  # exists before: kept; downloads/ was made for this: removed
+    with pytest.raises(DownloadError, match="HTTP 404"):
+        fetch(loopback_server.url("/missing.tar.gz"), cache, None, FAST)
+    assert (tmp_path / "data").is_dir() and not cache.exists()
 
 
 def test_404_is_not_retried(loopback_server: LoopbackServer, tmp_path: Path) -> None:

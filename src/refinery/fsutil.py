@@ -112,3 +112,18 @@ def remove(path: str | os.PathLike[str]) -> None:
     else:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
+
+
+def make_dirs(path: str | os.PathLike[str]) -> list[Path]:
+    """``mkdir -p``; returns the folders it created, deepest first (for :func:`remove_empty`)."""
+    path = Path(path)
+    missing = [p for p in (path, *path.parents) if not p.exists()]
+    path.mkdir(parents=True, exist_ok=True)
+    return missing
+
+
+def remove_empty(folders: list[Path]) -> None:
+    """Remove the folders (deepest first) that are still empty: a failed step leaves no trace."""
+    for folder in folders:
+        with contextlib.suppress(OSError):
+            folder.rmdir()

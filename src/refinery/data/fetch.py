@@ -9,11 +9,14 @@ short, corrupted or substituted file for the real one, and must not download
 * HTTP downloads go to ``<cache>/<name>.part`` and are renamed into place only
   once complete and verified; transient failures (5xx, 429, resets, timeouts,
   a body cut short) are retried with exponential backoff, resuming with
-  ``Range`` when the server allows it;
+  ``Range`` when the server allows it; a ``Retry-After`` on 429/503 is honoured
+  (never waiting less than the server asks, up to :data:`MAX_RETRY_AFTER_S`);
 * a verified cached file is reused without any network request; without a
   checksum (an *unpinned* source) it is reused only when its sidecar records
   the same URL, and the log says so;
-* ``file://`` URLs and plain paths are read in place (no copy) and verified.
+* ``file://`` URLs and plain paths are read in place (no copy) and verified;
+* a failed download leaves nothing behind: no part file, and no cache folder
+  it had to create.
 """
 
 from __future__ import annotations
@@ -44,6 +47,10 @@ log = logging.getLogger(__name__)
 CHUNK = 1 << 16
 #: HTTP statuses worth retrying: the server may well answer the next request.
 TRANSIENT_STATUS = frozenset({408, 429})
+#: Statuses whose ``Retry-After`` header says when to try again (RFC 9110 10.2.3).
+RETRY_AFTER_STATUS = frozenset({429, 503})
+#: A server asking for a longer wait than this fails the download instead of hanging it.
+MAX_RETRY_AFTER_S = 600.0
 #: Exceptions of a connection that failed or broke mid-body (requests wraps some, not all).
 NETWORK_ERRORS: tuple[type[BaseException], ...] = (
     requests.ConnectionError,
@@ -70,10 +77,33 @@ class Fetched:
     requests: int = 0
     retries: int = 0
     seconds: float = 0.0
+    waits: tuple[float, ...] = ()  # seconds slept before each retry
 
 
 class _Transient(Exception):
     """A failed attempt that the next one may fix (retried with backoff)."""
+
+    def __init__(self, reason: str, retry_after: float | None = None) -> None:
+        super().__init__(reason)
+        self.retry_after = retry_after
+
+
+def retry_after_seconds(value: str | None, now: datetime | None = None) -> float | None:
+    """``Retry-After`` as seconds from now: delta-seconds or an HTTP date; None if absent/bad."""
+    if value is None or not value.strip():
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    from email.utils import parsedate_to_datetime
+
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
 
 
 # ----------------------------------------------------------------------- helpers
@@ -180,6 +210,7 @@ class _Downloader:
         self.sidecar = self.target.with_name(self.target.name + ".source.json")
         self.url_id = hashlib.sha256(url.encode()).hexdigest()
         self.requests = self.network_bytes = self.retries = 0
+        self.waits: list[float] = []
         self.validator: str | None = None  # ETag/Last-Modified of the first response
 
     def run(self, started: float) -> Fetched:
@@ -188,13 +219,14 @@ class _Downloader:
             size = self.target.stat().st_size
             return Fetched(self.target, self.shown, cached, size, reused_cache=True,
                            seconds=time.perf_counter() - started)
-        self.target.parent.mkdir(parents=True, exist_ok=True)
+        created = fsutil.make_dirs(self.target.parent)
         fsutil.remove(self.part)  # a stale part of a killed run: its origin is unknown
         try:
             total = self._download_with_retries()
             sha256 = _verify(self.part, self.shown, self.checksum)
         except BaseException:
             fsutil.remove(self.part)
+            fsutil.remove_empty(created)
             raise
         self.part.replace(self.target)
         fsutil.write_json(self.sidecar, {
@@ -206,7 +238,8 @@ class _Downloader:
                  self.requests, sha256)
         return Fetched(self.target, self.shown, sha256, total, reused_cache=False,
                        network_bytes=self.network_bytes, requests=self.requests,
-                       retries=self.retries, seconds=time.perf_counter() - started)
+                       retries=self.retries, seconds=time.perf_counter() - started,
+                       waits=tuple(self.waits))
 
     # -- cache
 
@@ -245,10 +278,11 @@ class _Downloader:
     def _download_with_retries(self) -> int:
         attempts = self.http.retries + 1
         for attempt in range(1, attempts + 1):
+            asked: float | None = None
             try:
                 return self._attempt()
             except _Transient as exc:
-                reason = str(exc)
+                reason, asked = str(exc), exc.retry_after
             except requests.exceptions.SSLError as exc:  # a certificate problem stays one
                 raise DownloadError(f"{self.shown}: TLS error (not retried): {exc}") from None
             except NETWORK_ERRORS as exc:
@@ -261,7 +295,15 @@ class _Downloader:
                 raise DownloadError(f"{self.shown}: download failed after {attempts} "
                                     f"attempt(s): {reason}{offline}")
             delay = self.http.backoff_s * 2 ** (attempt - 1)
+            if asked is not None:
+                if asked > MAX_RETRY_AFTER_S:
+                    raise DownloadError(f"{self.shown}: {reason}; the server asks to retry "
+                                        f"after {asked:.0f}s (more than {MAX_RETRY_AFTER_S:.0f}s"
+                                        "): try again later")
+                delay = max(delay, asked)
+                reason += f", Retry-After {asked:.0f}s"
             self.retries += 1
+            self.waits.append(delay)
             log.warning("%s: attempt %d/%d failed (%s); retrying in %.1fs", self.shown,
                         attempt, attempts, reason, delay)
             time.sleep(delay)
@@ -285,7 +327,9 @@ class _Downloader:
                     return have  # the part was complete already
                 self._restart("server refused the resume range")
             if status in TRANSIENT_STATUS or status >= 500:
-                raise _Transient(f"HTTP {status} {resp.reason}")
+                asked = (retry_after_seconds(resp.headers.get("Retry-After"))
+                         if status in RETRY_AFTER_STATUS else None)
+                raise _Transient(f"HTTP {status} {resp.reason}", retry_after=asked)
             if status not in (200, 206):
                 raise DownloadError(f"{self.shown}: HTTP {status} {resp.reason} "
                                     "(not retried: the request itself was refused)")
