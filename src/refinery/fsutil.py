@@ -71,6 +71,20 @@ def write_text(target: str | os.PathLike[str], text: str) -> Path:
     return write_bytes(target, text.encode("utf-8"))
 
 
+def torch_save(obj: Any, target: str | os.PathLike[str], durable: bool = True) -> Path:
+    """``torch.save`` atomically, to the same bytes for the same object.
+
+    Through a file object, not the temporary path: ``torch.save(obj, path)`` names
+    the zip archive inside after the file (``.model.pt.x1y2/data.pkl``), so every
+    save would differ and DVC would see a new output each run.
+    """
+    import torch
+
+    with atomic_path(target, durable=durable) as tmp, open(tmp, "wb") as handle:
+        torch.save(obj, handle)
+    return Path(target)
+
+
 def write_json(target: str | os.PathLike[str], obj: Any) -> Path:
     return write_text(target, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 

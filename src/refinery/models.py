@@ -212,8 +212,7 @@ def save_model(model: ImageClassifier, directory: str | Path, extra: dict | None
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
-    with fsutil.atomic_path(directory / "model.pt") as tmp:
-        torch.save(state, tmp)
+    fsutil.torch_save(state, directory / "model.pt")
     payload = {"config": unwrap(model).config.to_json(), **(extra or {})}
     fsutil.write_json(directory / "config.json", payload)
     return directory

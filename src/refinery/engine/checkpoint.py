@@ -57,8 +57,7 @@ class Checkpointer:
         if not self.enabled:
             return
         self.directory.mkdir(parents=True, exist_ok=True)
-        with fsutil.atomic_path(self.path, durable=False) as tmp:
-            torch.save({"fingerprint": self.fingerprint, **state}, tmp)
+        fsutil.torch_save({"fingerprint": self.fingerprint, **state}, self.path, durable=False)
         self.saves += 1
 
     def load(self) -> dict[str, Any] | None:

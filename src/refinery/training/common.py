@@ -125,7 +125,7 @@ def finish_training(rt: Runtime, ckpt: Checkpointer, model: nn.Module, out_dir: 
     writing them resumes from the end of training instead of starting over.
     """
     if rt.is_main:
-        models.save_model(model, out_dir, extra={**extra, "metrics": metrics})
+        models.save_model(model, out_dir, extra=extra)  # no metrics: timings differ per run
         write_history_csv(history, plots_csv)
         plot_history(history, curves, curves_png, title)
     rt.barrier()
