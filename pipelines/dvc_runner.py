@@ -22,9 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # The CLI's one-line errors: "refinery <stage>: <message>" and, for params,
-# "refinery: <file> is invalid:" followed by indented lines naming each key.
+# "refinery: <file> is invalid:" followed by indented lines naming each key. A stage
+# that finds its params infeasible exits 2 (bad data: 1), which DVC repeats.
 _CLI_ERROR = re.compile(r"^refinery(?: (?P<command>[\w-]+))?: ")
 _DVC_ERROR = re.compile(r"^ERROR: ")
+_PARAMS_EXIT = re.compile(r"failed to run: .*, exited with 2$")
 _DVC_STATUS = (
     (re.compile(r"^Running stage '"), "ran"),
     (re.compile(r"^Stage '.*' is cached - skipping run"), "restored from run-cache"),
@@ -83,7 +85,9 @@ def error_message(lines: Iterable[str], returncode: int) -> tuple[str, bool]:
                 if not follow.startswith((" ", "\t")):
                     break
                 detail.append(follow)
-            return "\n".join(detail), match.group("command") is None
+            params = match.group("command") is None or any(_PARAMS_EXIT.search(line)
+                                                           for line in lines)
+            return "\n".join(detail), params
     if any(line.startswith("Traceback (most recent call last)") for line in lines):
         tail = [line for line in lines if line and not line.startswith((" ", "\t"))
                 and not _DVC_ERROR.match(line)]

@@ -85,6 +85,12 @@ def test_user_edit_during_the_run_is_kept(workspace: Path) -> None:
     (["Traceback (most recent call last):", '  File "x.py", line 1', "ValueError: boom",
       "ERROR: failed to reproduce 'pretrain'"], "ValueError: boom", False),
     (["ERROR: './dvc.yaml' validation failed."], "'./dvc.yaml' validation failed.", False),
+    (["refinery finetune: these params cannot work on the prepared data (219 train images):",
+      "  finetune: 1 training samples cannot fill 2 images per process",
+      "ERROR: failed to reproduce 'finetune': failed to run: python -m refinery finetune "
+      "--init pretrained, exited with 2"],
+     "refinery finetune: these params cannot work on the prepared data (219 train images):\n"
+     "  finetune: 1 training samples cannot fill 2 images per process", True),
 ])
 def test_stage_error_is_the_stage_own_message(lines: list[str], expected: str,
                                               params_error: bool) -> None:

@@ -12,8 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from refinery.errors import RefineryError
-from refinery.params import ParamsError
+from refinery.errors import ParamsError, RefineryError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,6 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of a stage's error (bad data or params), too")
     sub = parser.add_subparsers(dest="stage", metavar="<stage>", required=True)
     seen: set[str] = set()
     for stage in STAGES:
@@ -35,7 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
         stage_parser = sub.add_parser(stage.command, help=stage.help, description=stage.help)
         for flag, kwargs in stage.arguments:
             stage_parser.add_argument(flag, **kwargs)
-    check = sub.add_parser("check-params", help="validate params.yaml and exit")
+    check = sub.add_parser(
+        "check-params",
+        help="validate params.yaml and exit; with prepared data, also check the whole training "
+             "plan (batches, steps, augmentation) against it and show it")
     check.set_defaults(_check=True)
     profile = sub.add_parser(
         "profile",
@@ -74,14 +78,30 @@ def main(argv: list[str] | None = None) -> int:
     except ParamsError as exc:
         print(f"refinery: {exc}", file=sys.stderr)
         return 2
-    if getattr(args, "_check", False):
-        print(f"{args.params}: ok")
-        return 0
+    command = "check-params" if getattr(args, "_check", False) else args.stage
     try:
-        stage_for_command(args.stage).run(params, args)
+        if command == "check-params":
+            return _check_params(args.params, params)
+        stage_for_command(command).run(params, args)
     except RefineryError as exc:
-        print(f"refinery {args.stage}: {exc}", file=sys.stderr)
-        return 1
+        if args.debug:
+            raise
+        print(f"refinery {command}: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, ParamsError) else 1
+    return 0
+
+
+def _check_params(path: Path, params: object) -> int:
+    from refinery import paths
+    from refinery.plan import check_prepared
+
+    plan = check_prepared(params, paths.PREPARED)  # type: ignore[arg-type]
+    print(f"{path}: ok")
+    if plan is None:
+        print(f"(no {paths.PREPARED}/meta.json yet: the training plan is checked once "
+              "prepare has run)")
+    else:
+        print(f"training plan on {paths.PREPARED}:\n{plan.describe()}")
     return 0
 
 

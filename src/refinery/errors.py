@@ -7,7 +7,18 @@ user needs to fix it.
 
 
 class RefineryError(Exception):
-    """Base of the errors a user can act on."""
+    """Base of the errors a user can act on. The CLI exits 1 (bad data, unreachable
+    services), or 2 for a :class:`ParamsError`."""
+
+
+class ParamsError(RefineryError, ValueError):
+    """Params that cannot work: a schema violation, or a value the data or the
+    machine makes infeasible. ``str()`` names the key and, where one is known,
+    a value that would work."""
+
+
+class TrainingDiverged(ParamsError):
+    """The loss became inf/NaN: the learning rate (named in the message) is too high."""
 
 
 class DownloadError(RefineryError):

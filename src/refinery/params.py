@@ -15,6 +15,10 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from refinery.errors import ParamsError
+
+__all__ = ["Params", "ParamsError", "apply_overrides", "load_params", "parse_params"]
+
 DEFAULT_PARAMS_FILE = Path("params.yaml")
 
 GiB = 1024**3
@@ -22,10 +26,6 @@ GiB = 1024**3
 #: Official CIFAR-10 binary archive and its published md5 (cs.toronto.edu/~kriz/cifar.html).
 CIFAR10_BINARY_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
 CIFAR10_BINARY_CHECKSUM = "md5:c32a1d4ab5d03f1284b67883e8d87530"
-
-
-class ParamsError(ValueError):
-    """A params file that does not match the schema. ``str()`` is the user-facing report."""
 
 
 class Section(BaseModel):
@@ -292,6 +292,9 @@ class PretrainParams(Section):
     epochs: int = Field(8, ge=1, le=10_000)
     batch_size: int = Field(128, ge=2, le=65_536)
     accumulate: int = Field(1, ge=1, le=1024)
+    min_steps: int = Field(
+        0, ge=0, le=10_000_000,
+        description="train at least this many optimizer steps (epochs are raised to reach it)")
     optim: OptimParams = OptimParams(optimizer="sgd", lr=0.5, weight_decay=5e-4)
     temperature: float = Field(0.2, gt=0, le=10)
     projection_dim: int = Field(128, ge=8, le=4096)
@@ -305,6 +308,9 @@ class FinetuneParams(Section):
     epochs: int = Field(30, ge=1, le=10_000)
     batch_size: int = Field(64, ge=1, le=65_536)
     accumulate: int = Field(1, ge=1, le=1024)
+    min_steps: int = Field(
+        0, ge=0, le=10_000_000,
+        description="train at least this many optimizer steps (epochs are raised to reach it)")
     optim: OptimParams = OptimParams(lr=0.05)
     backbone_lr_scale: float = Field(
         1.0, gt=0, le=1, description="backbone lr = lr * scale in full mode"
@@ -317,6 +323,9 @@ class DistillParams(Section):
     epochs: int = Field(30, ge=1, le=10_000)
     batch_size: int = Field(128, ge=1, le=65_536)
     accumulate: int = Field(1, ge=1, le=1024)
+    min_steps: int = Field(
+        0, ge=0, le=10_000_000,
+        description="train at least this many optimizer steps (epochs are raised to reach it)")
     optim: OptimParams = OptimParams(lr=0.05)
     temperature: float = Field(4.0, gt=0, le=100)
     alpha: Probability = Field(0.7, description="weight of the KD term on labeled images")

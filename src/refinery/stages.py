@@ -106,6 +106,7 @@ def _prepare(params: Params, args: argparse.Namespace) -> None:
             manifest_path=paths.MANIFEST,
             out_dir=paths.PREPARED,
             pixels_path=paths.PIXELS,
+            check=lambda meta: _checked_plan(params, run, meta),
         )
         run.log_artifact(paths.PREPARED / "meta.json")
         _finish(stage.name, run, result.metrics())
@@ -128,6 +129,7 @@ def _pretrain(params: Params, args: argparse.Namespace) -> None:
 
     stage = stage_named("pretrain")
     with _tracked(stage, params) as run:
+        _checked_plan(params)
         result = pretrain(
             params.pretrain, params.model, params.engine, params.seed,
             prepared_dir=paths.PREPARED, policies_path=paths.AUGMENT / "policies.json",
@@ -135,7 +137,7 @@ def _pretrain(params: Params, args: argparse.Namespace) -> None:
             plots_csv=paths.PLOTS / "pretrain.csv",
             curves_png=paths.reports_dir("pretrain") / "curves.png", sink=run,
         )
-        _finish_main(stage.name, run, result.metrics(),
+        _finish_main(stage.name, run, result.metrics(), warnings=result.warnings,
                      artifacts=[paths.reports_dir("pretrain") / "curves.png",
                                 paths.PRETRAINED / "config.json"])
 
@@ -147,6 +149,7 @@ def _finetune(params: Params, args: argparse.Namespace) -> None:
     stage = stage_named("finetune" if init == "pretrained" else "finetune_scratch")
     out = paths.TEACHER if init == "pretrained" else paths.SCRATCH
     with _tracked(stage, params) as run:
+        _checked_plan(params)
         result = finetune(
             params.finetune, params.model, params.engine, params.seed, init=init,
             prepared_dir=paths.PREPARED, policies_path=paths.AUGMENT / "policies.json",
@@ -155,7 +158,7 @@ def _finetune(params: Params, args: argparse.Namespace) -> None:
             plots_csv=paths.PLOTS / f"{stage.name}.csv",
             curves_png=paths.reports_dir(stage.name) / "curves.png", sink=run,
         )
-        _finish_main(stage.name, run, result.metrics(),
+        _finish_main(stage.name, run, result.metrics(), warnings=result.warnings,
                      artifacts=[paths.reports_dir(stage.name) / "curves.png",
                                 out / "config.json"])
 
@@ -165,6 +168,7 @@ def _distill(params: Params, args: argparse.Namespace) -> None:
 
     stage = stage_named("distill")
     with _tracked(stage, params) as run:
+        _checked_plan(params)
         result = distill(
             params.distill, params.model, params.engine, params.seed,
             prepared_dir=paths.PREPARED, policies_path=paths.AUGMENT / "policies.json",
@@ -173,7 +177,7 @@ def _distill(params: Params, args: argparse.Namespace) -> None:
             plots_csv=paths.PLOTS / "distill.csv",
             curves_png=paths.reports_dir("distill") / "curves.png", sink=run,
         )
-        _finish_main(stage.name, run, result.metrics(),
+        _finish_main(stage.name, run, result.metrics(), warnings=result.warnings,
                      artifacts=[paths.reports_dir("distill") / "curves.png",
                                 paths.STUDENT / "config.json"])
 
@@ -220,13 +224,32 @@ def _evaluate(params: Params, args: argparse.Namespace) -> None:
         run.log_artifacts(report_dir, "evaluation")
 
 
+def _checked_plan(params: Params, run: Any = None, meta: Any = None) -> None:
+    """The whole training plan against the prepared data (``refinery.plan``): raise
+    before any work if it cannot run. With ``run`` (prepare), also log every stage's
+    resolved schedule and tag the run with the warnings."""
+    from refinery.engine.runtime import env_world_size, is_main_process
+    from refinery.plan import check_plan, check_prepared
+
+    plan = (check_plan(params, meta, env_world_size()) if meta is not None
+            else check_prepared(params, paths.PREPARED, env_world_size()))
+    if plan is None or run is None or not is_main_process():
+        return
+    plan.report()
+    if plan.warnings:
+        run.set_tags({"refinery.warnings": "; ".join(plan.warnings)[:5000]})
+
+
 def _finish_main(stage: str, run: Any, metrics: Mapping[str, float],
-                 artifacts: list[Any] = ()) -> None:
-    """Like :func:`_finish`, on rank 0 only (the others wrote nothing)."""
+                 artifacts: list[Any] = (), warnings: tuple[str, ...] = ()) -> None:
+    """Like :func:`_finish`, on rank 0 only (the others wrote nothing); the stage's
+    warnings (e.g. too few optimizer steps) become a tag on its run."""
     from refinery.engine.runtime import is_main_process
 
     if not is_main_process():
         return
+    if warnings:
+        run.set_tags({"refinery.warnings": "; ".join(warnings)[:5000]})
     for artifact in artifacts:
         run.log_artifact(artifact)
     _finish(stage, run, metrics)

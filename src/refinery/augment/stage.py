@@ -33,7 +33,7 @@ from refinery.augment.supervised import (
     SupervisedPolicy,
 )
 from refinery.data.prepared import load_split
-from refinery.errors import RefineryError
+from refinery.errors import ParamsError
 from refinery.params import AugmentParams
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ PREVIEW_FILE = "preview.png"
 TIMING_BATCH = 512
 
 
-class PolicyError(RefineryError):
+class PolicyError(ParamsError):
     """An augmentation setting that cannot work on the prepared images; names the key."""
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -228,13 +229,16 @@ def _as_split(images: np.ndarray, labels: np.ndarray, ids: list[str]) -> Any:
 
 def prepare(p: PrepareParams, images: ImageParams, seed: int, raw_dir: Path,
             manifest_path: Path, out_dir: Path, workers: int | None = None,
-            pixels_path: Path | None = None) -> PrepareResult:
+            pixels_path: Path | None = None,
+            check: Callable[[dict[str, Any]], object] | None = None) -> PrepareResult:
     """Write ``out_dir`` (train/val/test/labeled ``.pt`` + ``meta.json``) from the manifest.
 
     The pixels come from ``pixels_path`` (default: ``pixels.npy`` next to the
     manifest, where ``validate`` writes them), or are decoded again from
     ``raw_dir`` when that cannot be used (see the module doc); ``workers``
-    only matters then.
+    only matters then. ``check(meta)`` runs before anything is written (the
+    pipeline checks the training plan there); if it raises, ``out_dir`` is
+    left as it was.
     """
     started = time.perf_counter()
     raw = RawDataset.load(raw_dir)
@@ -301,6 +305,8 @@ def prepare(p: PrepareParams, images: ImageParams, seed: int, raw_dir: Path,
         }
         torch.save({"indices": torch.from_numpy(labeled.astype(np.int64))}, tmp / "labeled.pt")
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        if check is not None:
+            check(meta)
     finished = time.perf_counter()
     result = PrepareResult(counts, len(labeled), classes, mean, std, decoded=decoded, timings={
         "pixels_seconds": loaded - started, "seconds": finished - started})

@@ -28,7 +28,8 @@ from refinery import progress
 from refinery.engine.checkpoint import Checkpointer
 from refinery.engine.optim import build_optimizer, lr_factor, param_groups, set_lr
 from refinery.engine.runtime import Runtime, convert_sync_batchnorm
-from refinery.params import OptimParams
+from refinery.engine.schedule import Schedule
+from refinery.errors import TrainingDiverged
 
 log = logging.getLogger(__name__)
 
@@ -76,16 +77,12 @@ class Task(Protocol):
 @dataclass(frozen=True)
 class TrainSpec:
     stage: str
-    epochs: int
-    global_batch: int
-    accumulate: int
-    optim: OptimParams
+    schedule: Schedule  # batch, length and learning rate, resolved against the data
     seed: int
     eval_every: int = 1
     log_every: int = 10
     checkpoint_every: int = 0
     group_lr_scales: dict[str, float] = field(default_factory=dict)
-    batch_key: str = "batch_size"  # params key named in batch-size errors
 
 
 @dataclass
@@ -106,21 +103,16 @@ class Trainer:
         self.rt, self.task, self.spec, self.ckpt = rt, task, spec, checkpointer
         self.sink = sink or NullSink()
         self.tracking_seconds = 0.0
-        n = task.num_samples()
-        micro, rem = divmod(spec.global_batch, spec.accumulate)
-        if rem:
-            raise ValueError(f"{spec.stage}.{spec.batch_key} ({spec.global_batch}) must be "
-                             f"divisible by {spec.stage}.accumulate ({spec.accumulate})")
-        if micro % rt.world_size:
-            raise ValueError(f"{spec.stage}.{spec.batch_key}/accumulate ({micro}) must be "
-                             f"divisible by the number of processes ({rt.world_size})")
-        if spec.global_batch > n:
-            raise ValueError(f"{spec.stage}.{spec.batch_key} ({spec.global_batch}) is larger "
-                             f"than the {n} training samples; lower it")
-        self.micro = micro
-        self.local = micro // rt.world_size
-        self.steps_per_epoch = n // spec.global_batch
-        self.total_steps = self.steps_per_epoch * spec.epochs
+        plan = spec.schedule
+        if (plan.samples, plan.world_size) != (task.num_samples(), rt.world_size):
+            raise ValueError(f"{spec.stage}: schedule resolved for {plan.samples} samples on "
+                             f"{plan.world_size} process(es), not {task.num_samples()} on "
+                             f"{rt.world_size}")
+        self.plan = plan
+        self.micro = plan.micro_batch
+        self.local = plan.local_batch
+        self.steps_per_epoch = plan.steps_per_epoch
+        self.total_steps = plan.total_steps
 
         model = task.model.to(rt.device)
         if rt.channels_last:
@@ -130,7 +122,7 @@ class Trainer:
             task.model = model
         self.raw = model
         self.optimizer = build_optimizer(
-            param_groups(model, prefix_scales=spec.group_lr_scales), spec.optim
+            param_groups(model, prefix_scales=spec.group_lr_scales), plan.optim
         )
         wrapped: nn.Module = model
         if rt.distributed:
@@ -143,7 +135,7 @@ class Trainer:
         self.model = wrapped
         self.generator = torch.Generator(device=rt.device)
         self.generator.manual_seed(spec.seed + 1)
-        self.warmup_steps = round(spec.optim.warmup_epochs * self.steps_per_epoch)
+        self.warmup_steps = round(plan.optim.warmup_epochs * self.steps_per_epoch)
 
     # ------------------------------------------------------------------ helpers
     def _permutation(self, epoch: int) -> torch.Tensor:
@@ -207,7 +199,7 @@ class Trainer:
 
     # --------------------------------------------------------------------- loop
     def fit(self) -> TrainOutcome:
-        spec, rt = self.spec, self.rt
+        spec, rt, plan = self.spec, self.rt, self.plan
         started = time.perf_counter()
         history: list[dict[str, float]] = []
         sums: dict[str, torch.Tensor] = {}
@@ -221,47 +213,47 @@ class Trainer:
             sums = {k: v.to(rt.device) for k, v in state["sums"].items()}
             resumed_at = global_step
         rank_slice = slice(rt.rank * self.local, (rt.rank + 1) * self.local)
-        lr = spec.optim.lr
+        lr = plan.optim.lr
 
-        for epoch in range(start_epoch, spec.epochs):
+        for epoch in range(start_epoch, plan.epochs):
             perm = self._permutation(epoch)
             first = start_step if epoch == start_epoch else 0
             if first == 0:
                 sums = {}
             self.raw.train()
             bar = progress.bar(total=self.steps_per_epoch, initial=first, unit="step",
-                               desc=f"{spec.stage} {epoch + 1}/{spec.epochs}",
+                               desc=f"{spec.stage} {epoch + 1}/{plan.epochs}",
                                disable=not rt.is_main or progress.disabled())
             tick = time.perf_counter()
             seen, epoch_train_seconds = 0, 0.0
             for step in range(first, self.steps_per_epoch):
-                factor = lr_factor(spec.optim.schedule, global_step, self.total_steps,
+                factor = lr_factor(plan.optim.schedule, global_step, self.total_steps,
                                    self.warmup_steps)
                 lr = set_lr(self.optimizer, factor)
-                batch_idx = perm[step * spec.global_batch:(step + 1) * spec.global_batch]
-                for micro in range(spec.accumulate):
+                batch_idx = perm[step * plan.batch:(step + 1) * plan.batch]
+                for micro in range(plan.accumulate):
                     idx = batch_idx[micro * self.micro:(micro + 1) * self.micro]
-                    sync = micro == spec.accumulate - 1
+                    sync = micro == plan.accumulate - 1
                     ctx = (self.model.no_sync() if rt.distributed and not sync
                            and hasattr(self.model, "no_sync") else _null())
                     with ctx:
                         with rt.autocast():
                             loss, metrics = self.task.loss(self.model, Batch(idx, rank_slice),
                                                            self.generator)
-                        (loss / spec.accumulate).backward()
+                        (loss / plan.accumulate).backward()
                     for key, value in {"loss": loss.detach(), **metrics}.items():
-                        sums[key] = sums.get(key, 0) + value.detach().float() / spec.accumulate
+                        sums[key] = sums.get(key, 0) + value.detach().float() / plan.accumulate
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 global_step += 1
-                seen += spec.global_batch
+                seen += plan.batch
                 bar.update(1)
                 if global_step % spec.log_every == 0:
                     loss_now = float(loss.detach())
                     if not math.isfinite(loss_now):
-                        raise FloatingPointError(
-                            f"{spec.stage}: loss is {loss_now} at step {global_step}; lower "
-                            f"{spec.stage}.optim.lr or check the data")
+                        raise TrainingDiverged(
+                            f"loss is {loss_now} at step {global_step}; lower "
+                            f"{plan.stage}.optim.lr (now {plan.optim.lr:.4g})")
                     bar.set_postfix(loss=f"{loss_now:.4f}", lr=f"{lr:.3g}")
                     self._log({"step/loss": loss_now, "step/lr": lr}, global_step)
                 if spec.checkpoint_every and global_step % spec.checkpoint_every == 0 \
@@ -280,7 +272,7 @@ class Trainer:
                            self._reduce_mean(sums, self.steps_per_epoch).items()})
             if seen:
                 record["samples_per_second"] = seen / max(epoch_train_seconds, 1e-9)
-            last = epoch + 1 == spec.epochs
+            last = epoch + 1 == plan.epochs
             if last or (epoch + 1) % spec.eval_every == 0:
                 self.raw.eval()
                 with torch.no_grad(), rt.autocast():
@@ -301,7 +293,7 @@ class Trainer:
             final=history[-1] if history else {},
             train_seconds=train_seconds,
             total_seconds=total,
-            samples_per_second=(steps_run * spec.global_batch / train_seconds
+            samples_per_second=(steps_run * plan.batch / train_seconds
                                 if train_seconds > 0 else 0.0),
             resumed_at_step=resumed_at,
             steps=global_step,

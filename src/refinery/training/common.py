@@ -110,6 +110,7 @@ class TrainResult:
 
     metrics_: dict[str, float]
     history: list[dict[str, float]] = field(default_factory=list)
+    warnings: tuple[str, ...] = ()  # e.g. too few optimizer steps: logged, tagged on the run
 
     def metrics(self) -> dict[str, float]:
         return dict(self.metrics_)
@@ -118,7 +119,7 @@ class TrainResult:
 def finish_training(rt: Runtime, ckpt: Checkpointer, model: nn.Module, out_dir: Path,
                     extra: dict, history: list[dict[str, float]], plots_csv: Path,
                     curves_png: Path, curves: dict[str, Sequence[str]], title: str,
-                    metrics: dict[str, float]) -> TrainResult:
+                    metrics: dict[str, float], warnings: Sequence[str] = ()) -> TrainResult:
     """Rank 0 writes the model, the curves (CSV for DVC, PNG); then the checkpoint goes.
 
     The checkpoint is removed only after the outputs exist, so a crash while
@@ -132,4 +133,4 @@ def finish_training(rt: Runtime, ckpt: Checkpointer, model: nn.Module, out_dir: 
     if rt.is_main:
         ckpt.clear()
     rt.close()
-    return TrainResult(metrics, history)
+    return TrainResult(metrics, history, tuple(warnings))

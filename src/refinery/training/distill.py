@@ -35,6 +35,7 @@ from refinery.engine import (
     make_runtime,
 )
 from refinery.engine.runtime import Runtime
+from refinery.engine.schedule import for_section
 from refinery.errors import RefineryError
 from refinery.params import DistillParams, EngineParams, ModelParams
 from refinery.training.common import (
@@ -69,8 +70,7 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: 
 class DistillTask:
     def __init__(self, student: models.ImageClassifier, teacher: models.ImageClassifier,
                  rt: Runtime, train: DeviceData, policy: SupervisedPolicy, temperature: float,
-                 alpha: float, val: tuple[DeviceData, torch.Tensor], eval_every: int,
-                 epochs: int) -> None:
+                 alpha: float, val: tuple[DeviceData, torch.Tensor]) -> None:
         self.model = student
         self.teacher = teacher.to(rt.device).eval()
         if rt.channels_last:
@@ -82,7 +82,6 @@ class DistillTask:
         self.policy = policy
         self.temperature, self.alpha = temperature, alpha
         self.val = val
-        self.eval_every, self.epochs = eval_every, epochs
 
     def num_samples(self) -> int:
         return len(self.train)
@@ -101,8 +100,6 @@ class DistillTask:
         return loss, metrics
 
     def evaluate(self, model: nn.Module, epoch: int) -> dict[str, float]:
-        if (epoch + 1) % self.eval_every and epoch + 1 != self.epochs:
-            return {}
         data, labels = self.val
         logits = run_model(model, data, self.rt)
         return {"val_acc": accuracy(logits, labels),
@@ -134,9 +131,11 @@ def distill(p: DistillParams, model_p: ModelParams, engine_p: EngineParams, seed
     task = DistillTask(
         student, teacher, rt, DeviceData(data.train.images[rows], labels[rows], rt), supervised,
         p.temperature, p.alpha, (DeviceData(data.val.images, None, rt),
-                                 data.val.labels.to(rt.device)), p.eval_every, p.epochs)
-    spec = TrainSpec(stage="distill", epochs=p.epochs, global_batch=p.batch_size,
-                     accumulate=p.accumulate, optim=p.optim, seed=seed, eval_every=p.eval_every,
+                                 data.val.labels.to(rt.device)))
+    schedule = for_section("distill", len(rows), p, rt.world_size)
+    if rt.is_main:
+        schedule.report(log)
+    spec = TrainSpec(stage="distill", schedule=schedule, seed=seed, eval_every=p.eval_every,
                      log_every=engine_p.log_every_steps,
                      checkpoint_every=engine_p.checkpoint_every_steps)
     ckpt = Checkpointer(checkpoint_dir, fingerprint(
@@ -159,11 +158,12 @@ def distill(p: DistillParams, model_p: ModelParams, engine_p: EngineParams, seed
         "teacher_parameters": models.parameter_count(teacher),
         "images_per_second": outcome.samples_per_second,
         "train_seconds": outcome.train_seconds,
-        "steps": outcome.steps,
+        **schedule.metrics(),
         "resumed_at_step": outcome.resumed_at_step,
         "tracking_seconds": outcome.tracking_seconds,
     }
     return finish_training(
         rt, ckpt, task.model, out_dir, {"stage": "distill"}, outcome.history, plots_csv,
         curves_png, {"loss": ["train_loss", "train_kd", "val_loss"], "accuracy": ["val_acc"],
-                     "learning rate": ["lr"]}, "distillation", metrics)
+                     "learning rate": ["lr"]}, "distillation", metrics,
+        warnings=schedule.warnings)

@@ -30,6 +30,7 @@ from refinery.engine import (
     make_runtime,
 )
 from refinery.engine.runtime import Runtime
+from refinery.engine.schedule import for_section
 from refinery.errors import RefineryError
 from refinery.params import EngineParams, FinetuneParams, ModelParams
 from refinery.training.common import (
@@ -50,7 +51,7 @@ class ClassifierTask:
     def __init__(self, model: models.ImageClassifier, rt: Runtime, train: DeviceData,
                  policy: SupervisedPolicy, label_smoothing: float, num_classes: int,
                  monitors: dict[str, tuple[DeviceData, torch.Tensor]],
-                 eval_every: int, epochs: int, frozen_backbone: bool = False) -> None:
+                 frozen_backbone: bool = False) -> None:
         self.model = model
         self.rt = rt
         self.train = train
@@ -58,7 +59,6 @@ class ClassifierTask:
         self.label_smoothing = label_smoothing
         self.num_classes = num_classes
         self.monitors = monitors
-        self.eval_every, self.epochs = eval_every, epochs
         self.frozen_backbone = frozen_backbone
 
     def num_samples(self) -> int:
@@ -80,8 +80,6 @@ class ClassifierTask:
         return loss, {"acc": (logits.argmax(dim=1) == hard).float().mean()}
 
     def evaluate(self, model: nn.Module, epoch: int) -> dict[str, float]:
-        if (epoch + 1) % self.eval_every and epoch + 1 != self.epochs:
-            return {}
         metrics: dict[str, float] = {}
         for name, (data, labels) in self.monitors.items():
             logits = run_model(model, data, self.rt)
@@ -144,13 +142,14 @@ def finetune(p: FinetuneParams, model_p: ModelParams, engine_p: EngineParams, se
                             data.test.labels.to(rt.device))
     task = ClassifierTask(
         model, rt, DeviceData(data.train.images[labeled], data.train.labels[labeled], rt),
-        supervised, p.label_smoothing, data.num_classes, monitors, p.eval_every, p.epochs,
-        frozen_backbone=linear)
+        supervised, p.label_smoothing, data.num_classes, monitors, frozen_backbone=linear)
     stage = "finetune" if init == "pretrained" else "finetune_scratch"
     scales = {} if linear or p.backbone_lr_scale == 1.0 or init == "scratch" else {
         "backbone.": p.backbone_lr_scale}
-    spec = TrainSpec(stage=stage, epochs=p.epochs, global_batch=p.batch_size,
-                     accumulate=p.accumulate, optim=p.optim, seed=seed,
+    schedule = for_section("finetune", len(labeled), p, rt.world_size)
+    if rt.is_main:
+        schedule.report(log)
+    spec = TrainSpec(stage=stage, schedule=schedule, seed=seed,
                      eval_every=p.eval_every, log_every=engine_p.log_every_steps,
                      checkpoint_every=engine_p.checkpoint_every_steps, group_lr_scales=scales)
     inputs = [prepared_dir / "meta.json", prepared_dir / "train.pt", prepared_dir / "labeled.pt",
@@ -169,8 +168,7 @@ def finetune(p: FinetuneParams, model_p: ModelParams, engine_p: EngineParams, se
         "labeled_images": len(labeled),
         "images_per_second": outcome.samples_per_second,
         "train_seconds": outcome.train_seconds,
-        "epochs": p.epochs,
-        "steps": outcome.steps,
+        **schedule.metrics(),
         "resumed_at_step": outcome.resumed_at_step,
         "parameters": models.parameter_count(model),
         "tracking_seconds": outcome.tracking_seconds,
@@ -181,4 +179,5 @@ def finetune(p: FinetuneParams, model_p: ModelParams, engine_p: EngineParams, se
         rt, ckpt, task.model, out_dir, {"stage": stage, "init": init}, outcome.history,
         plots_csv, curves_png, {"loss": ["train_loss", "val_loss"],
                                 "accuracy": ["train_acc", "val_acc", "test_acc"],
-                                "learning rate": ["lr"]}, f"fine-tuning ({init})", metrics)
+                                "learning rate": ["lr"]}, f"fine-tuning ({init})", metrics,
+        warnings=schedule.warnings)

@@ -29,6 +29,7 @@ from refinery.engine import (
     make_runtime,
 )
 from refinery.engine.runtime import Runtime
+from refinery.engine.schedule import for_section
 from refinery.params import EngineParams, ModelParams, PretrainParams
 from refinery.training.common import (
     TrainResult,
@@ -91,15 +92,14 @@ class PretrainTask:
     def __init__(self, model: SimCLR, rt: Runtime, train: DeviceData, policy: SslPolicy,
                  temperature: float, knn_bank: DeviceData, knn_bank_labels: torch.Tensor,
                  knn_query: DeviceData, knn_query_labels: torch.Tensor, num_classes: int,
-                 knn_k: int, knn_every: int, epochs: int) -> None:
+                 knn_k: int) -> None:
         self.model = model
         self.rt = rt
         self.train = train
         self.policy = policy
         self.temperature = temperature
         self.knn = (knn_bank, knn_bank_labels, knn_query, knn_query_labels)
-        self.num_classes, self.knn_k, self.knn_every, self.epochs = (
-            num_classes, knn_k, knn_every, epochs)
+        self.num_classes, self.knn_k = num_classes, knn_k
 
     def num_samples(self) -> int:
         return len(self.train)
@@ -116,8 +116,6 @@ class PretrainTask:
         return loss, {"contrastive_acc": acc}
 
     def evaluate(self, model: nn.Module, epoch: int) -> dict[str, float]:
-        if (epoch + 1) % self.knn_every and epoch + 1 != self.epochs:
-            return {}
         bank, bank_labels, query, query_labels = self.knn
         encoder = model.encoder
         return {"knn_acc": knn_accuracy(
@@ -140,6 +138,9 @@ def pretrain(p: PretrainParams, model_p: ModelParams, engine_p: EngineParams, se
         image_size=data.size, num_classes=0, mean=tuple(data.mean), std=tuple(data.std))
     net = SimCLR(models.build_model(config), p.projection_hidden, p.projection_dim)
     labeled = data.labeled
+    schedule = for_section("pretrain", len(data.train), p, rt.world_size)
+    if rt.is_main:
+        schedule.report(log)
     task = PretrainTask(
         net, rt,
         train=DeviceData(data.train.images, None, rt),
@@ -149,10 +150,9 @@ def pretrain(p: PretrainParams, model_p: ModelParams, engine_p: EngineParams, se
         knn_bank_labels=data.train.labels[labeled].to(rt.device),
         knn_query=DeviceData(data.val.images, None, rt),
         knn_query_labels=data.val.labels.to(rt.device),
-        num_classes=data.num_classes, knn_k=p.knn_k, knn_every=p.knn_every, epochs=p.epochs,
+        num_classes=data.num_classes, knn_k=p.knn_k,
     )
-    spec = TrainSpec(stage="pretrain", epochs=p.epochs, global_batch=p.batch_size,
-                     accumulate=p.accumulate, optim=p.optim, seed=seed,
+    spec = TrainSpec(stage="pretrain", schedule=schedule, seed=seed, eval_every=p.knn_every,
                      log_every=engine_p.log_every_steps,
                      checkpoint_every=engine_p.checkpoint_every_steps)
     ckpt = Checkpointer(checkpoint_dir, fingerprint(
@@ -167,12 +167,12 @@ def pretrain(p: PretrainParams, model_p: ModelParams, engine_p: EngineParams, se
         "contrastive_acc": final.get("train_contrastive_acc", float("nan")),
         "pairs_per_second": outcome.samples_per_second,
         "train_seconds": outcome.train_seconds,
-        "epochs": p.epochs,
-        "steps": outcome.steps,
+        **schedule.metrics(),
         "resumed_at_step": outcome.resumed_at_step,
         "tracking_seconds": outcome.tracking_seconds,
     }
     return finish_training(
         rt, ckpt, task.model.encoder, out_dir, {"stage": "pretrain"}, outcome.history, plots_csv,
         curves_png, {"loss": ["train_loss"], "accuracy": ["knn_acc", "train_contrastive_acc"],
-                     "learning rate": ["lr"]}, "SimCLR pretraining", metrics)
+                     "learning rate": ["lr"]}, "SimCLR pretraining", metrics,
+        warnings=schedule.warnings)
