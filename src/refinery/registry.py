@@ -5,6 +5,14 @@ only if it passes the gate in ``params.registry.gate`` (minimum accuracy,
 maximum drop versus the teacher, maximum batch-1 latency) *and* beats the
 current champion's test accuracy. Every check and its numbers are recorded on
 the model version, on the run and in ``registry.json``, accepted or not.
+
+Accuracies are comparable only on the same test set, so every version is
+tagged ``refinery.dataset`` (source and test-split digest, see
+:func:`refinery.data.prepared.dataset_identity`) and a champion measured on
+another data set is never compared with: the candidate is not promoted, and
+the reason says so. A deployment loading ``@champion`` must not silently
+switch to a model of other data; give each data set its own
+``registry.student_name`` (the profiles do), or move the alias by hand.
 """
 
 from __future__ import annotations
@@ -25,11 +33,22 @@ log = logging.getLogger(__name__)
 CANDIDATE, CHAMPION = "candidate", "champion"
 
 
+DATASET_TAG = "refinery.dataset"
+
+
 @dataclass(frozen=True)
 class Candidate:
     accuracy: float
     latency_p50_ms: float
     teacher_accuracy: float
+    dataset: str = ""  # refinery.data.prepared.dataset_identity of its test split
+
+
+@dataclass(frozen=True)
+class Champion:
+    version: str
+    accuracy: float | None
+    dataset: str | None  # None: a version from before datasets were tagged
 
 
 @dataclass
@@ -44,9 +63,7 @@ class GateDecision:
         return asdict(self)
 
 
-def decide(candidate: Candidate, gate: GateParams,
-           champion_accuracy: float | None, champion_version: str | None = None
-           ) -> GateDecision:
+def decide(candidate: Candidate, gate: GateParams, champion: Champion | None) -> GateDecision:
     """Apply the gate; every check contributes one human-readable reason."""
     checks: list[tuple[bool, str]] = []
     acc, drop = candidate.accuracy, candidate.teacher_accuracy - candidate.accuracy
@@ -62,15 +79,22 @@ def decide(candidate: Candidate, gate: GateParams,
                    f"batch-1 p50 latency {latency:.2f} ms "
                    f"{'<=' if latency <= gate.max_latency_ms else '>'} "
                    f"max_latency_ms {gate.max_latency_ms:.2f}"))
-    if champion_accuracy is None:
+    if champion is None:
         checks.append((True, "no current champion"))
+    elif champion.dataset != candidate.dataset:
+        checks.append((False, f"champion v{champion.version} was measured on another data set "
+                              f"({champion.dataset or 'untagged'}), this candidate on "
+                              f"{candidate.dataset}: not compared, not replaced; promote it by "
+                              "hand or set registry.student_name for this data set"))
+    elif champion.accuracy is None:
+        checks.append((False, f"champion v{champion.version} has no test_accuracy tag"))
     else:
-        beats = acc > champion_accuracy
+        beats = acc > champion.accuracy
         checks.append((beats, f"accuracy {acc:.4f} {'beats' if beats else 'does not beat'} "
-                              f"champion v{champion_version} ({champion_accuracy:.4f})"))
+                              f"champion v{champion.version} ({champion.accuracy:.4f})"))
     return GateDecision(promote=all(ok for ok, _ in checks),
                         reasons=[("pass: " if ok else "FAIL: ") + text for ok, text in checks],
-                        previous_champion=champion_version)
+                        previous_champion=champion.version if champion else None)
 
 
 def _requirements() -> list[str]:
@@ -80,15 +104,16 @@ def _requirements() -> list[str]:
             f"numpy=={np.__version__}"]
 
 
-def _champion(client: Any, name: str) -> tuple[float | None, str | None]:
+def _champion(client: Any, name: str) -> Champion | None:
     from mlflow.exceptions import MlflowException
 
     try:
         version = client.get_model_version_by_alias(name, CHAMPION)
     except MlflowException:
-        return None, None
+        return None
     value = version.tags.get("test_accuracy")
-    return (float(value) if value is not None else None), str(version.version)
+    return Champion(str(version.version), float(value) if value is not None else None,
+                    version.tags.get(DATASET_TAG))
 
 
 def register(run: Any, reg: RegistryParams, teacher: torch.nn.Module, int8_program: Path,
@@ -110,8 +135,7 @@ def register(run: Any, reg: RegistryParams, teacher: torch.nn.Module, int8_progr
             registered_model_name=reg.student_name, pip_requirements=_requirements())
     client = MlflowClient()
     version = str(student_info.registered_model_version)
-    champion_accuracy, champion_version = _champion(client, reg.student_name)
-    decision = decide(candidate, reg.gate, champion_accuracy, champion_version)
+    decision = decide(candidate, reg.gate, _champion(client, reg.student_name))
     decision.version = version
     decision.teacher_version = str(teacher_info.registered_model_version)
     version_tags = {
@@ -120,12 +144,15 @@ def register(run: Any, reg: RegistryParams, teacher: torch.nn.Module, int8_progr
         "teacher_accuracy": f"{candidate.teacher_accuracy:.6f}",
         "gate": "passed" if decision.promote else "refused",
         "gate_reasons": "; ".join(decision.reasons),
+        DATASET_TAG: candidate.dataset,
         **tags,
     }
     for key, value in version_tags.items():
         client.set_model_version_tag(reg.student_name, version, key, value)
     client.set_model_version_tag(reg.teacher_name, decision.teacher_version, "test_accuracy",
                                  f"{candidate.teacher_accuracy:.6f}")
+    client.set_model_version_tag(reg.teacher_name, decision.teacher_version, DATASET_TAG,
+                                 candidate.dataset)
     client.set_registered_model_alias(reg.student_name, CANDIDATE, version)
     if decision.promote:
         client.set_registered_model_alias(reg.student_name, CHAMPION, version)

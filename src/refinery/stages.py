@@ -195,7 +195,7 @@ def _quantize(params: Params, args: argparse.Namespace) -> None:
 
 def _evaluate(params: Params, args: argparse.Namespace) -> None:
     from refinery import models, registry, tracking
-    from refinery.data.prepared import load_split
+    from refinery.data.prepared import dataset_identity, load_split
     from refinery.evaluation.stage import evaluate
 
     stage = stage_named("evaluate")
@@ -218,7 +218,8 @@ def _evaluate(params: Params, args: argparse.Namespace) -> None:
             candidate=registry.Candidate(
                 accuracy=int8_report.accuracy,
                 latency_p50_ms=int8_report.cost.latency.p50_ms,
-                teacher_accuracy=result.reports["teacher"].accuracy),
+                teacher_accuracy=result.reports["teacher"].accuracy,
+                dataset=dataset_identity(paths.PREPARED)),
             tags={"mlflow_run_id": run.run_id},
             out_file=report_dir / "registry.json")
         run.log_artifacts(report_dir, "evaluation")

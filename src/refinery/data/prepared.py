@@ -77,6 +77,30 @@ class PreparedData:
         return torch.nonzero(mask).flatten()
 
 
+def content_digest(split: Split, classes: list[str]) -> str:
+    """sha256 of a split's pixels, labels and class names: the same images labelled the
+    same way give the same digest, whatever file they were read from."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    digest.update(repr((tuple(split.images.shape), classes)).encode())
+    digest.update(split.images.contiguous().numpy().tobytes())
+    digest.update(split.labels.to(torch.int64).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def dataset_identity(root: str | Path) -> str:
+    """``<source>:<test digest>``: which data set a test-set score was measured on.
+
+    Two scores are comparable only on the same test split; the registry gate
+    uses this to never compare a champion measured on other data.
+    """
+    root = Path(root)
+    meta = json.loads((root / "meta.json").read_text())
+    test = load_split(root / "test.pt")
+    return f"{meta.get('source') or 'unknown'}:{content_digest(test, list(meta['classes']))[:16]}"
+
+
 def save_split(path: Path, split: Split) -> None:
     torch.save({"images": split.images.contiguous(), "labels": split.labels, "ids": split.ids},
                path)
