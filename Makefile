@@ -1,7 +1,9 @@
 # Two commands for a new user (see README):
 #   make pipeline   create .venv, install, run the whole pipeline (dvc repro)
 #   make test       create .venv if needed, install, run the test suite
-PYTHON ?= python3
+# The first supported Python that runs (pyproject.toml's requires-python), else python3.
+# 3.11 first: CI's, and the one whose torch wheels this project's machines keep on disk.
+PYTHON ?= $(firstword $(foreach v,3.11 3.12 3.13,$(shell python$(v) -c 'import sys; print(sys.executable)' 2>/dev/null)) python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
@@ -12,6 +14,7 @@ install: $(STAMP)
 
 # Reinstall when the pinned inputs change. constraints.txt pins the whole tree.
 $(STAMP): pyproject.toml constraints.txt
+	@$(PYTHON) .ci/python_check.py || { echo "Install a supported Python (Debian/Ubuntu: apt install python3.12-venv; or pyenv install 3.12) and run: make $(MAKECMDGOALS) PYTHON=python3.12"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --constraint constraints.txt --editable ".[dev]"
 	touch $(STAMP)
@@ -23,4 +26,4 @@ test: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest
 
 lint: $(STAMP)
-	$(BIN)/ruff check src pipelines tests benchmarks
+	$(BIN)/ruff check src pipelines tests benchmarks .ci

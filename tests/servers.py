@@ -332,20 +332,25 @@ def run(argv: list[str], cwd: Path, env: Mapping[str, str] | None = None, timeou
     return result
 
 
+def tracked_files(repo: Path = REPO) -> list[str]:
+    """What git tracks in ``repo`` (as in the working tree), and nothing else: not the run
+    state a user's ``make pipeline`` leaves (``dvc.lock``, ``metrics/``, ``plots/``), which
+    git ignores or leaves untracked. A new source file needs ``git add`` (``-N`` will do)."""
+    listed = subprocess.run(["git", "ls-files", "--cached", "-z"], cwd=repo,
+                            capture_output=True, check=True).stdout.decode().split("\0")
+    return [name for name in listed if name and (repo / name).is_file()]
+
+
 def workspace_copy(dst: Path, cache: Path | None = None,
-                   overrides: Mapping[str, Any] | None = None) -> Path:
-    """The working tree (tracked and untracked, not ignored) as a fresh git+DVC repo.
+                   overrides: Mapping[str, Any] | None = None, source: Path = REPO) -> Path:
+    """The tracked files of the working tree (:func:`tracked_files`) as a fresh git+DVC repo.
 
     ``overrides`` (dotted keys) are applied to its ``params.yaml`` and committed.
     """
-    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO,
-                            capture_output=True, check=True).stdout.decode().split("\0")
     dst.mkdir(parents=True, exist_ok=True)
-    for name in filter(None, listed):
-        source = REPO / name
-        if source.is_file():
-            (dst / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, dst / name)
+    for name in tracked_files(source):
+        (dst / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source / name, dst / name)
     if overrides:
         from refinery.params import apply_overrides, parse_params
 
