@@ -69,16 +69,43 @@ def test_profiles_switch_the_data_set_and_keep_comments(tmp_path: Path) -> None:
     target = tmp_path / "params.yaml"
     shutil.copy(REPO / "params.yaml", target)
     assert {"cifar10", "cifar10-jpeg", "image-folder"} <= set(available())
-    params = apply_profile(target, "cifar10")
+    params, _ = apply_profile(target, "cifar10")
     assert params.download.source == "cifar10-binary"
     assert (params.images.side, params.images.channels) == (32, 3)
-    params = apply_profile(target, "image-folder",
-                           ["download.url=https://example.com/flowers.tar.gz", "images.side=48"])
+    params, _ = apply_profile(target, "image-folder", [
+        "download.url=https://example.com/flowers.tar.gz", "images.side=48"])
     assert params.download.url == "https://example.com/flowers.tar.gz"
     assert params.images.side == 48
     text = target.read_text()
     assert "# builtin | cifar10-binary | image-folder" in text  # comments survive
     assert load_params(target) == params
+
+
+def test_every_change_is_shown_and_the_file_keeps_its_shape(tmp_path: Path) -> None:
+    """Re-applying a profile resets what an earlier --set changed: it must say so."""
+    target = tmp_path / "params.yaml"
+    shutil.copy(REPO / "params.yaml", target)
+    first = run_cli(tmp_path, "profile", "image-folder", "--set", "download.url=/x.tar",
+                    "--set", "download.test_split=val", "--set", "images.side=32")
+    assert '  download.source: "builtin" -> "image-folder"' in first.stdout
+    assert '  download.test_split: "test" -> "val"' in first.stdout
+    assert "  images.side: 8 -> 32" in first.stdout
+    again = run_cli(tmp_path, "profile", "image-folder", "--set", "images.side=64")
+    assert '  download.test_split: "val" -> "test"' in again.stdout  # the profile's own value
+    assert "  images.side: 32 -> 64" in again.stdout
+    assert "download.url" not in again.stdout  # unchanged keys are not listed
+    text = target.read_text()
+    assert "  optim:\n    optimizer: sgd         # sgd | adamw | lars" in text  # still block
+    assert "  checksum: null " in text and max(len(line) for line in text.splitlines()) < 110
+    assert "no change" in run_cli(tmp_path, "profile", "image-folder",
+                                  "--set", "images.side=64").stdout
+
+
+def run_cli(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run([sys.executable, "-m", "refinery", *args], cwd=cwd,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return result
 
 
 def test_a_bad_override_leaves_params_untouched(tmp_path: Path) -> None:

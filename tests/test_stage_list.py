@@ -47,6 +47,25 @@ def test_every_stage_declares_its_lineage(stage) -> None:
     assert f"lineage/{stage.name}.json" in stage.outs
 
 
+def _cached_outputs() -> list[tuple[str, bool]]:
+    """(path, cached) of every out, metric and plot file of dvc.yaml."""
+    found = []
+    for body in yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"].values():
+        for kind in ("outs", "metrics", "plots"):
+            for item in body.get(kind, []):
+                path, options = (item, {}) if isinstance(item, str) else next(iter(item.items()))
+                found.append((path, (options or {}).get("cache", True)))
+    return found
+
+
+@pytest.mark.parametrize(("path", "cached"), _cached_outputs(), ids=lambda v: str(v))
+def test_git_ignores_exactly_the_outputs_dvc_caches(path: str, cached: bool) -> None:
+    """Cached outputs must never reach git (even when DVC dropped its own .gitignore lines
+    after a failed run); cache: false metrics and plots are committed with experiments."""
+    ignored = run(["git", "check-ignore", "-q", "--no-index", path], REPO, check=False)
+    assert (ignored.returncode == 0) == cached, f"{path}: cached={cached}"
+
+
 def test_dvc_itself_accepts_dvc_yaml(tmp_path: Path) -> None:
     """The flow parses dvc.yaml with plain YAML; DVC's own schema is stricter."""
     shutil.copy(REPO / "dvc.yaml", tmp_path / "dvc.yaml")

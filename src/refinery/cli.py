@@ -125,10 +125,13 @@ def _apply_profile(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     try:
-        params = apply_profile(args.params, args.name, args.set)
+        params, changes = apply_profile(args.params, args.name, args.set)
     except ParamsError as exc:
         print(f"refinery profile: {exc}", file=sys.stderr)
         return 2
     print(f"{args.params}: {args.name or 'overrides'} applied (data: {params.download.source}, "
-          f"{params.images.side}x{params.images.side}x{params.images.channels})")
+          f"{params.images.side}x{params.images.side}x{params.images.channels}); "
+          + (f"{len(changes)} change(s):" if changes else "no change"))
+    for change in changes:
+        print(f"  {change}")
     return 0

@@ -10,6 +10,8 @@ comments kept (ruamel round-trip), the way ``dvc exp run -S`` edits it.
 from __future__ import annotations
 
 import io
+import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -80,9 +82,23 @@ def _set(document: Any, dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+@dataclass(frozen=True)
+class Change:
+    key: str
+    old: Any
+    new: Any
+
+    def __str__(self) -> str:
+        return f"{self.key}: {json.dumps(self.old)} -> {json.dumps(self.new)}"
+
+
 def apply_profile(params_file: Path, profile: str | None,
-                  assignments: list[str] | None = None) -> Params:
-    """Merge a profile and ``key=value`` overrides into ``params_file``; validate; write."""
+                  assignments: list[str] | None = None) -> tuple[Params, list[Change]]:
+    """Merge a profile and ``key=value`` overrides into ``params_file``; validate; write.
+
+    Returns the new params and every key whose value changed (a profile applied
+    again resets what an earlier ``--set`` changed: the caller shows that).
+    """
     overrides: dict[str, Any] = {}
     if profile:
         loaded = yaml.safe_load(profile_path(profile).read_text()) or {}
@@ -91,14 +107,20 @@ def apply_profile(params_file: Path, profile: str | None,
         overrides.update(_flatten(loaded))
     overrides.update(parse_assignments(assignments or []))
     raw = yaml.safe_load(params_file.read_text()) or {}
+    before = _flatten(parse_params(raw, source=str(params_file)).to_dict())
     params = parse_params(apply_overrides(raw, overrides), source=f"{params_file} + profile")
+    after = _flatten(params.to_dict())
+    changes = [Change(key, before.get(key), after[key]) for key in after
+               if before.get(key) != after[key]]
     round_trip = YAML()
     round_trip.preserve_quotes = True
     round_trip.width = 4096  # never wrap a long value onto its own line
+    round_trip.representer.add_representer(  # `null`, as the file writes it, not an empty value
+        type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
     document = round_trip.load(params_file.read_text())
     for key, value in overrides.items():
         _set(document, key, value)
     buffer = io.StringIO()
     round_trip.dump(document, buffer)
     fsutil.write_text(params_file, buffer.getvalue())
-    return params
+    return params, changes
