@@ -23,6 +23,8 @@ from pathlib import Path
 import yaml
 from common import REPO, cifar_overrides, machine, make_workspace, read_json, run_stage
 
+from refinery import paths
+
 STAGES = [("download",), ("validate",), ("prepare",), ("augment",), ("pretrain",),
           ("finetune", "--init", "pretrained"), ("finetune", "--init", "scratch"),
           ("distill",), ("quantize",), ("evaluate",)]
@@ -34,7 +36,7 @@ def stage_name(args: tuple[str, ...]) -> str:
 
 def targets(root: Path) -> list[str]:
     """The issue's targets against what this run measured (evaluation must have run)."""
-    m = read_json(root / "reports/metrics.json")
+    m = read_json(root / paths.details_file("evaluate"))
     teacher, student, int8 = m["teacher"], m["student"], m["student_int8"]
     lines = [
         f"student params {student['parameters']:,.0f} vs teacher {teacher['parameters']:,.0f}: "
@@ -99,7 +101,7 @@ def main() -> None:
         print(f"{name:<18} {seconds:8.1f}")
     print(f"{'total':<18} {total:8.1f}")
     for name in timings:
-        path = root / ("reports/metrics.json" if name == "evaluate" else f"metrics/{name}.json")
+        path = root / paths.details_file(name)
         if name in ("pretrain", "finetune", "finetune_scratch", "distill", "quantize"):
             m = read_json(path)
             shown = {k: round(v, 4) for k, v in m.items()

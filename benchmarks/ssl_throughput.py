@@ -20,6 +20,8 @@ from pathlib import Path
 
 from common import REPO, cifar_overrides, machine, make_workspace, read_json, run_stage
 
+from refinery import paths
+
 
 def prepare_data(root: Path, env: dict[str, str]) -> None:
     if (root / "data/augment/policies.json").exists():
@@ -93,7 +95,7 @@ def main() -> None:
               f"{float(row['train_loss']):8.4f}")
     sustained = [float(r["samples_per_second"]) for r in history[1:]] or [
         float(history[0]["samples_per_second"])]
-    metrics = read_json(root / "metrics/pretrain.json")
+    metrics = read_json(root / paths.details_file("pretrain"))
     print(f"sustained (epochs after the first): {min(sustained):.0f}-{max(sustained):.0f} "
           f"pairs/s; stage wall {wall:.1f} s, training {metrics['train_seconds']:.1f} s "
           "(target >= 18,000 pairs/s on one H100)")

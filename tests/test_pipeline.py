@@ -47,8 +47,11 @@ def _read(path: Path) -> dict:
 
 def test_every_model_is_well_above_chance(pipeline: tuple[Path, dict[str, str]]) -> None:
     root, _ = pipeline
-    metrics = _read(root / "reports/metrics.json")
+    metrics = _read(root / "reports/evaluate/details.json")
     assert set(metrics) == {"scratch", "teacher", "student", "student_int8"}
+    headline = _read(root / "reports/metrics.json")  # what dvc metrics show compares
+    assert {model: set(values) for model, values in headline.items()} == {
+        model: {"accuracy", "macro_f1", "ece", "file_mb", "latency_p50_ms"} for model in metrics}
     for name, values in metrics.items():
         assert values["accuracy"] > 0.4, (name, values["accuracy"])  # chance is 0.1
         for key in ("macro_f1", "ece", "accuracy_gaussian_noise", "accuracy_jpeg",
@@ -69,7 +72,7 @@ def test_every_model_is_well_above_chance(pipeline: tuple[Path, dict[str, str]])
         assert (root / f"plots/evaluate/confusion_{name}.csv").read_text().startswith(
             "actual,predicted")
     quantize = _read(root / "metrics/quantize.json")
-    assert quantize["size_reduction"] > 2
+    assert set(quantize) == {"int8_val_acc", "size_reduction"} and quantize["size_reduction"] > 2
 
 
 def test_gate_accepts_then_refuses_and_champion_loads_fresh(

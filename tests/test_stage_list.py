@@ -47,6 +47,17 @@ def test_every_stage_declares_its_lineage(stage) -> None:
     assert f"lineage/{stage.name}.json" in stage.outs
 
 
+@pytest.mark.parametrize("stage", STAGES, ids=lambda s: s.name)
+def test_each_stage_has_a_short_headline_and_a_details_report(stage) -> None:
+    """dvc metrics show stays readable: a few headline numbers per stage (per model for
+    evaluate); every other number goes to reports/<stage>/details.json, a cached out."""
+    assert 1 <= len(stage.headline) <= 5
+    dvc = {s.name: s for s in DVC_STAGES}[stage.name]
+    assert f"reports/{stage.name}" in dvc.outs
+    metrics = "reports/metrics.json" if stage.name == "evaluate" else f"metrics/{stage.name}.json"
+    assert metrics in dvc.outs
+
+
 def _cached_outputs() -> list[tuple[str, bool]]:
     """(path, cached) of every out, metric and plot file of dvc.yaml."""
     found = []

@@ -16,7 +16,7 @@ import pytest
 import torch
 from workspace import REPO, TINY_TRAINING, build_data, copy_workspace, run_cli, write_params
 
-from refinery import models
+from refinery import models, paths
 
 pytestmark = pytest.mark.slow
 
@@ -35,7 +35,7 @@ def _state(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _metrics(root: Path, stage: str) -> dict[str, float]:
-    return json.loads((root / "metrics" / f"{stage}.json").read_text())
+    return json.loads((root / paths.details_file(stage)).read_text())
 
 
 def test_pretrain_then_finetune_end_to_end(digits: Path, tmp_path: Path) -> None:

@@ -33,3 +33,8 @@ def metrics_file(stage: str) -> Path:
 
 def reports_dir(stage: str) -> Path:
     return REPORTS / stage
+
+
+def details_file(stage: str) -> Path:
+    """Every number a stage measured (timings too); ``metrics_file`` has its headline."""
+    return reports_dir(stage) / "details.json"

@@ -27,6 +27,9 @@ class Stage:
     help: str
     params: tuple[str, ...]  # params keys the stage reads; dvc.yaml lists exactly these
     run: Adapter
+    #: the few numbers a person compares between experiments: what ``metrics/<stage>.json``
+    #: (``dvc metrics``) holds; everything else goes to ``reports/<stage>/details.json``
+    headline: tuple[str, ...] = ()
     cli_args: tuple[str, ...] = ()  # fixed CLI arguments of this DVC stage
     arguments: tuple[tuple[str, dict[str, Any]], ...] = field(default=())
 
@@ -44,7 +47,10 @@ def params_subset(params: Params, keys: tuple[str, ...]) -> dict[str, Any]:
 
 
 def _finish(stage: str, run: Any, metrics: Mapping[str, float]) -> None:
-    fsutil.write_json(paths.metrics_file(stage), dict(metrics))
+    """Every number to MLflow and ``reports/<stage>/details.json``; the headline to DVC."""
+    headline = stage_named(stage).headline
+    fsutil.write_json(paths.details_file(stage), dict(metrics))
+    fsutil.write_json(paths.metrics_file(stage), {key: metrics[key] for key in headline})
     run.log_metrics(metrics)
 
 
@@ -208,7 +214,10 @@ def _evaluate(params: Params, args: argparse.Namespace) -> None:
                         "student": paths.STUDENT},
             int8_path=int8, out_dir=report_dir, plots_dir=paths.PLOTS / "evaluate")
         metrics = result.metrics()
-        fsutil.write_json(paths.EVALUATION_METRICS, metrics)
+        fsutil.write_json(paths.details_file(stage.name), metrics)
+        fsutil.write_json(paths.EVALUATION_METRICS, {
+            model: {key: values[key] for key in stage.headline if key in values}
+            for model, values in metrics.items()})
         run.log_metrics(tracking.flatten(metrics))
         test = load_split(paths.PREPARED / "test.pt")
         int8_report = result.reports["student_int8"]
@@ -267,6 +276,7 @@ STAGES: tuple[Stage, ...] = (
         "fetch the source (builtin, CIFAR-10 binary, image-folder archive) into data/raw",
         ("seed", "download"),
         _download,
+        ("train_records", "test_records", "classes"),
     ),
     Stage(
         "validate",
@@ -274,6 +284,7 @@ STAGES: tuple[Stage, ...] = (
         "build the image manifest and check it with Great Expectations",
         ("images", "validate"),
         _validate,
+        ("rows", "failed_expectations"),
     ),
     Stage(
         "prepare",
@@ -281,6 +292,7 @@ STAGES: tuple[Stage, ...] = (
         "split train/val, pick the labeled subset, pack uint8 tensors",
         ("seed", "images", "prepare"),
         _prepare,
+        ("train_images", "labeled_images"),
     ),
     Stage(
         "augment",
@@ -288,6 +300,7 @@ STAGES: tuple[Stage, ...] = (
         "resolve the augmentation policies against the prepared images; preview grid",
         ("seed", "augment"),
         _augment,
+        ("ssl_view_gap", "supervised_change"),
     ),
     Stage(
         "pretrain",
@@ -295,6 +308,7 @@ STAGES: tuple[Stage, ...] = (
         "self-supervised SimCLR pretraining of the teacher backbone (GPU when present)",
         (*_TRAIN_KEYS, "pretrain"),
         _pretrain,
+        ("knn_acc", "steps"),
     ),
     Stage(
         "finetune",
@@ -302,6 +316,7 @@ STAGES: tuple[Stage, ...] = (
         "fine-tune the pretrained backbone on the labeled subset (the teacher)",
         (*_TRAIN_KEYS, "finetune"),
         _finetune,
+        ("val_acc", "steps"),
         cli_args=("--init", "pretrained"),
         arguments=_INIT_ARGUMENT,
     ),
@@ -311,6 +326,7 @@ STAGES: tuple[Stage, ...] = (
         "the same training from random weights: the baseline pretraining must beat",
         (*_TRAIN_KEYS, "finetune"),
         _finetune,
+        ("val_acc", "steps"),
         cli_args=("--init", "scratch"),
         arguments=_INIT_ARGUMENT,
     ),
@@ -320,6 +336,7 @@ STAGES: tuple[Stage, ...] = (
         "distill the teacher into the small student (labeled + unlabeled images)",
         ("seed", "model.student", "engine", "distill"),
         _distill,
+        ("val_acc", "teacher_val_acc"),
     ),
     Stage(
         "quantize",
@@ -327,6 +344,7 @@ STAGES: tuple[Stage, ...] = (
         "int8 static quantization of the student (PT2E, x86), QAT if PTQ loses too much",
         ("seed", "quantize"),
         _quantize,
+        ("int8_val_acc", "size_reduction"),
     ),
     Stage(
         "evaluate",
@@ -334,6 +352,7 @@ STAGES: tuple[Stage, ...] = (
         "score every model on test (accuracy, calibration, robustness, cost); registry gate",
         ("seed", "evaluate", "registry"),
         _evaluate,
+        ("accuracy", "macro_f1", "ece", "file_mb", "latency_p50_ms"),
     ),
 )
 
