@@ -16,8 +16,8 @@ from collections.abc import Callable
 
 import torch
 
-from refinery.augment import resolve
 from refinery.params import AugmentParams, SslAugParams, SupervisedAugParams
+from refinery.stages.augment import resolve
 
 POLICIES: dict[str, AugmentParams] = {
     "supervised: translate 4 (reflect) + flip": AugmentParams(

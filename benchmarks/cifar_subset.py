@@ -16,7 +16,7 @@ from pathlib import Path
 
 from common import SHARED_CIFAR
 
-from refinery.data.fetch import file_digests
+from refinery.stages.download.fetch import file_digests
 
 
 def main() -> None:

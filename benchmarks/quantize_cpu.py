@@ -29,10 +29,10 @@ from pathlib import Path
 
 import torch
 
-from refinery import quantize
-from refinery.evaluation.cost import cpu_latency, cpu_throughput, file_size_mb, parameter_count
 from refinery.models import ModelConfig, build_model, save_model
 from refinery.params import StudentParams
+from refinery.stages import quantize
+from refinery.stages.evaluate.cost import cpu_latency, cpu_throughput, file_size_mb, parameter_count
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)

@@ -36,7 +36,7 @@ def reference_loader(root: Path, workers: int, batch: int, batches: int) -> floa
     from PIL import Image
     from torchvision.transforms import v2
 
-    from refinery.data.prepared import load_split
+    from refinery.formats.prepared import load_split
 
     images = load_split(root / "data/prepared/train.pt").images
     view = v2.Compose([

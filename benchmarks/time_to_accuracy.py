@@ -52,7 +52,7 @@ def main() -> None:
 
     # The stage function with test monitoring on: the pipeline leaves test to evaluate.
     from refinery import paths
-    from refinery.training.finetune import finetune
+    from refinery.stages.finetune import finetune
 
     os.chdir(root)
     os.environ.update(env)

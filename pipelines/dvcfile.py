@@ -3,7 +3,7 @@
 The flow never keeps its own copy of the stages; it asks this module, so a
 stage added to (or reordered in) ``dvc.yaml`` is picked up by Prefect with no
 edit here. ``tests/test_stage_list.py`` checks it against
-``refinery.stages.STAGES``.
+``refinery.pipeline.STAGES``.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from refinery.data import raw
+from refinery.formats import raw
 
 CLASSES = ("cat", "dog", "frog")
 

@@ -22,18 +22,11 @@ from PIL import Image
 from torchvision.transforms.v2 import InterpolationMode, RandAugment
 from torchvision.transforms.v2 import functional as F
 
-from refinery.augment import (
-    PolicyError,
-    SslPolicy,
-    SupervisedPolicy,
-    augment,
-    autoaugment,
-    load_policies,
-    resolve,
-)
+from refinery.augment import SslPolicy, SupervisedPolicy, autoaugment
 from refinery.augment import functional as A
 from refinery.augment.batch import Draw
-from refinery.data.prepared import Split, save_split
+from refinery.formats.policies import PolicyError, load_policies
+from refinery.formats.prepared import Split, save_split
 from refinery.params import (
     AugmentParams,
     ParamsError,
@@ -41,6 +34,7 @@ from refinery.params import (
     SupervisedAugParams,
     parse_params,
 )
+from refinery.stages.augment import augment, resolve
 
 S = 16  # image side in most tests
 
@@ -521,8 +515,8 @@ def test_resolve_and_params_schema() -> None:
 
 
 def test_stage_is_registered_after_prepare() -> None:
-    from refinery import stages
+    from refinery import pipeline
 
-    names = [s.name for s in stages.STAGES]
+    names = [s.name for s in pipeline.STAGES]
     assert names.index("augment") == names.index("prepare") + 1
-    assert stages.stage_named("augment").params == ("seed", "augment")
+    assert pipeline.stage_named("augment").params == ("seed", "augment")

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from refinery.training.distill import UNLABELED, kd_loss
+from refinery.stages.distill import UNLABELED, kd_loss
 
 
 def _softmax(values: list[float], t: float) -> list[float]:

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from refinery.data.archive import PackedArchive, detect_format, extract, pack
 from refinery.errors import DownloadError, UnsafeArchiveError
 from refinery.params import ExtractLimits
+from refinery.stages.download.archive import PackedArchive, detect_format, extract, pack
 
 LIMITS = ExtractLimits(max_bytes=1 << 20, max_files=50)
 

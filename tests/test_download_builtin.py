@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from sklearn.datasets import load_digits
 
-from refinery.data.download import download
-from refinery.data.raw import RawDataset
+from refinery.formats.raw import RawDataset
 from refinery.params import DownloadParams
+from refinery.stages.download import download
 
 
 def run(tmp_path: Path, seed: int, name: str = "raw", **params: object) -> RawDataset:

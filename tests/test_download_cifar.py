@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from loopback import LoopbackServer
 
-from refinery.data.download import download
-from refinery.data.raw import RawDataset
 from refinery.errors import ChecksumMismatch, DataLayoutError
+from refinery.formats.raw import RawDataset
 from refinery.params import DownloadParams, HttpParams
+from refinery.stages.download import download
 
 NAMES = ["plane", "car", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 FILES = [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from loopback import LoopbackServer
 
-from refinery.data.fetch import cache_name, fetch, redact_url, retry_after_seconds
 from refinery.errors import ChecksumMismatch, DownloadError
 from refinery.params import HttpParams
+from refinery.stages.download.fetch import cache_name, fetch, redact_url, retry_after_seconds
 
 FAST = HttpParams(timeout_s=5, retries=3, backoff_s=0.01)
 PAYLOAD = bytes(range(256)) * 1200  # 300 KiB: several chunks, so a cut lands mid-body
@@ -185,7 +185,7 @@ def test_unpinned_cache_needs_the_same_url(loopback_server: LoopbackServer, tmp_
                                            caplog: pytest.LogCaptureFixture) -> None:
     url = loopback_server.serve("/a.bin", PAYLOAD)
     fetch(url, tmp_path, None, FAST)
-    with caplog.at_level(logging.WARNING, logger="refinery.data.fetch"):
+    with caplog.at_level(logging.WARNING, logger="refinery.stages.download.fetch"):
         assert fetch(url, tmp_path, None, FAST).reused_cache
     assert "unpinned source" in caplog.text
     assert loopback_server.count() == 1

@@ -15,10 +15,10 @@ import pytest
 from loopback import LoopbackServer
 from PIL import Image
 
-from refinery.data.download import download
-from refinery.data.raw import RawDataset, UndecodableImage
 from refinery.errors import DataLayoutError, UnsafeArchiveError
+from refinery.formats.raw import RawDataset, UndecodableImage
 from refinery.params import DownloadParams, ExtractLimits, HttpParams
+from refinery.stages.download import download
 
 FAST = HttpParams(timeout_s=5, retries=2, backoff_s=0.01)
 

@@ -15,8 +15,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from refinery.data import raw
-from refinery.data.raw import Location, RawDataset, UndecodableImage, parse_location
+from refinery.formats import raw
+from refinery.formats.raw import Location, RawDataset, UndecodableImage, parse_location
 
 
 def png(value: int, size: tuple[int, int] = (6, 4)) -> bytes:

@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from refinery.evaluation import corruptions, cost, metrics
-from refinery.evaluation.report import comparison_table, evaluate_model
+from refinery import models, scoring
 from refinery.models import ModelConfig, build_model
 from refinery.params import CorruptionParams, EvaluateParams, LatencyParams
+from refinery.stages.evaluate import corruptions, cost, metrics
+from refinery.stages.evaluate.report import comparison_table, evaluate_model
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -23,7 +24,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 def test_accuracy_from_logits() -> None:
     logits = torch.tensor([[2.0, 1.0], [0.0, 3.0], [5.0, -1.0], [0.1, 0.2]])
-    assert metrics.accuracy(logits, torch.tensor([0, 1, 1, 1])) == 0.75
+    assert scoring.accuracy(logits, torch.tensor([0, 1, 1, 1])) == 0.75
 
 
 def test_macro_scores_match_a_manual_computation() -> None:
@@ -211,7 +212,7 @@ def test_measure_cost_sizes(tmp_path) -> None:
     path = tmp_path / "m.pt"
     torch.save(model.state_dict(), path)
     result = cost.measure_cost(None, (1, 4, 4), LatencyParams(), parameters=110, file=path)
-    assert result.parameters == cost.parameter_count(model) == 110
+    assert result.parameters == models.parameter_count(model) == 110
     assert result.file_mb == pytest.approx(path.stat().st_size / 1e6)
     assert result.latency is None and result.throughput is None
 
@@ -271,7 +272,7 @@ def test_evaluate_model_writes_a_full_report(trained, tmp_path) -> None:
     weights = tmp_path / "model.pt"
     torch.save(model.state_dict(), weights)
     report = evaluate_model(model, images, labels, classes, FAST, tmp_path / "reports", "student",
-                            cost_predict=model, parameters=cost.parameter_count(model),
+                            cost_predict=model, parameters=models.parameter_count(model),
                             file=weights)
     folder = tmp_path / "reports" / "student"
     assert report.directory == folder

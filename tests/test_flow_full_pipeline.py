@@ -1,9 +1,9 @@
 """The whole pipeline of dvc.yaml through the Prefect flow, tiny params, real MLflow server.
 
 FOLLOW-UP (lead): this test enables itself once ``dvc.yaml`` has the
-``evaluate`` stage (and agrees with ``refinery.stages.STAGES``); until then it
+``evaluate`` stage (and agrees with ``refinery.pipeline.STAGES``); until then it
 is skipped with that reason. It expects the evaluate stage to write
-``reports/metrics.json`` (flat headline numbers, put on the MLflow parent)
+``metrics/evaluate.json`` (flat headline numbers, put on the MLflow parent)
 and ``reports/evaluate/comparison.md`` (the flow's summary artifact), and to
 register the student under ``registry.student_name`` from a run of this
 execution. ``REFINERY_SKIP_FULL_PIPELINE=1`` skips it (e.g. on a slow box).
@@ -32,7 +32,7 @@ from workspace import TINY_TRAINING
 
 from pipelines import dvcfile
 from refinery.params import load_params
-from refinery.stages import STAGES
+from refinery.pipeline import STAGES
 from refinery.tracking import flatten
 
 pytestmark = pytest.mark.slow
@@ -59,7 +59,7 @@ print("RESULT " + json.dumps(result))
 
 
 @pytest.mark.skipif(not READY, reason="FOLLOW-UP(lead): enable once dvc.yaml has the "
-                    "evaluate stage and matches refinery.stages.STAGES")
+                    "evaluate stage and matches refinery.pipeline.STAGES")
 @pytest.mark.skipif(os.environ.get("REFINERY_SKIP_FULL_PIPELINE") == "1",
                     reason="REFINERY_SKIP_FULL_PIPELINE=1")
 def test_full_pipeline_through_the_flow(mlflow_server: MlflowServer,  # noqa: F811

@@ -49,7 +49,7 @@ def test_every_model_is_well_above_chance(pipeline: tuple[Path, dict[str, str]])
     root, _ = pipeline
     metrics = _read(root / "reports/evaluate/details.json")
     assert set(metrics) == {"scratch", "teacher", "student", "student_int8"}
-    headline = _read(root / "reports/metrics.json")  # what dvc metrics show compares
+    headline = _read(root / "metrics/evaluate.json")  # what dvc metrics show compares
     assert {model: set(values) for model, values in headline.items()} == {
         model: {"accuracy", "macro_f1", "ece", "file_mb", "latency_p50_ms"} for model in metrics}
     for name, values in metrics.items():
@@ -106,7 +106,7 @@ def test_gate_accepts_then_refuses_and_champion_loads_fresh(
                             text=True, timeout=300, env={**_clean_env(), **env})
     assert result.returncode == 0, result.stderr[-4000:]
     out = json.loads(result.stdout.strip().splitlines()[-1])
-    registered = _read(root / "reports/metrics.json")["student_int8"]["accuracy"]
+    registered = _read(root / "metrics/evaluate.json")["student_int8"]["accuracy"]
     assert out["accuracy"] == pytest.approx(registered, abs=0.03)
     assert out["refinery_loaded"] is False
 

@@ -13,13 +13,13 @@ import pytest
 import torch
 from rawdata import Extra, Spec, encode, files_dataset, picture
 
-from refinery.data import manifest as manifest_mod
-from refinery.data.prepare import channel_stats, prepare
-from refinery.data.prepared import SPLIT_FILES, load_prepared
-from refinery.data.raw import RawDataset, to_pixels
-from refinery.data.splits import labeled_subset, stratified_holdout
 from refinery.errors import DataValidationFailed
+from refinery.formats import manifest as manifest_mod
+from refinery.formats.prepared import SPLIT_FILES, load_prepared
+from refinery.formats.raw import RawDataset, to_pixels
 from refinery.params import ImageParams, PrepareParams
+from refinery.splits import labeled_subset, stratified_holdout
+from refinery.stages.prepare import channel_stats, prepare
 
 IMAGES = ImageParams(side=8, channels=3)
 SPEC = Spec(per_class={"train": 20, "test": 4})
@@ -191,8 +191,8 @@ def test_validate_then_prepare(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
 
     Packed JPEGs of the configured size, like CIFAR-10: validate's batched decoding.
     """
-    from refinery.data.validate import validate
     from refinery.params import ValidateParams
+    from refinery.stages.validate import validate
 
     files_dataset(tmp_path / "raw", Spec(per_class={"train": 20, "test": 4}, size=8, fmt="JPEG"),
                   kind="packed")
@@ -338,9 +338,9 @@ def test_channel_stats_are_exact() -> None:
 @pytest.mark.slow
 def test_shared_cifar10_validates_and_prepares(tmp_path: Path, shared_cifar: Path) -> None:
     """The whole CIFAR-10 JPEG archive through download -> validate -> prepare (~1 min)."""
-    from refinery.data.download import download
-    from refinery.data.validate import validate
     from refinery.params import DownloadParams, ValidateParams
+    from refinery.stages.download import download
+    from refinery.stages.validate import validate
 
     download(DownloadParams(source="image-folder", url=str(shared_cifar)),
              tmp_path / "raw", tmp_path / "downloads", seed=0)

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from refinery import quantize
 from refinery.models import ImageClassifier, ModelConfig, build_model, save_model
+from refinery.stages import quantize
 
 TRAIN = 1400  # of 1797 digits; the remaining 397 are the test set
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from refinery.data.prepared import Split, content_digest
+from refinery.formats.prepared import Split, content_digest
 from refinery.params import GateParams
-from refinery.registry import Candidate, Champion, decide
+from refinery.stages.evaluate.registry import Candidate, Champion, decide
 
 GATE = GateParams(min_accuracy=0.8, max_drop_vs_teacher=0.05, max_latency_ms=10.0)
 DIGITS = "builtin:0123456789abcdef"

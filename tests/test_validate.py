@@ -18,11 +18,11 @@ import pandas as pd
 import pytest
 from rawdata import Extra, Spec, arrays_dataset, encode, files_dataset, picture, rewrite_records
 
-from refinery.data import manifest as manifest_mod
-from refinery.data.raw import RawDataset
-from refinery.data.validate import ValidationResult, validate
 from refinery.errors import DataValidationFailed
+from refinery.formats import manifest as manifest_mod
+from refinery.formats.raw import RawDataset
 from refinery.params import ImageParams, ValidateParams
+from refinery.stages.validate import ValidationResult, validate
 
 IMAGES = ImageParams(side=8, channels=3)
 
@@ -181,7 +181,7 @@ def test_undecodable_images_fail_with_their_files(tmp_path: Path, kind: str) -> 
 def test_drop_undecodable_drops_counts_and_logs(tmp_path: Path,
                                                 caplog: pytest.LogCaptureFixture) -> None:
     files_dataset(tmp_path / "raw", extras=jpeg_pair())
-    with caplog.at_level(logging.WARNING, logger="refinery.data.validate"):
+    with caplog.at_level(logging.WARNING, logger="refinery.stages.validate"):
         result = run(tmp_path, vparams(drop_undecodable=True))
     assert result.success, result.summary()
     assert result.metrics()["dropped"] == 2 and result.metrics()["undecodable"] == 2

@@ -57,10 +57,10 @@ def run_cli(root: Path, *args: str, env: dict[str, str] | None = None,
 
 def build_data(root: Path, params: Params) -> None:
     """download -> validate -> prepare -> augment, by calling the stage functions."""
-    from refinery.augment import augment
-    from refinery.data.download import download
-    from refinery.data.prepare import prepare
-    from refinery.data.validate import validate
+    from refinery.stages.augment import augment
+    from refinery.stages.download import download
+    from refinery.stages.prepare import prepare
+    from refinery.stages.validate import validate
 
     cwd = Path.cwd()
     os.chdir(root)

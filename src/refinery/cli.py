@@ -1,7 +1,8 @@
 """``python -m refinery <stage>``: the one command line behind DVC and Prefect.
 
-Parsing only: each stage's adapter lives in :mod:`refinery.stages`, which
-imports heavy libraries lazily so ``--help`` stays instant.
+Parsing only: the stages are declared in :mod:`refinery.pipeline` (which
+imports no stage code, so ``--help`` stays instant); each stage's code and
+adapter is ``refinery.stages.<stage>``.
 """
 
 from __future__ import annotations
@@ -16,24 +17,20 @@ from refinery.errors import ParamsError, RefineryError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from refinery.stages import STAGES
+    from refinery.pipeline import commands
 
     parser = argparse.ArgumentParser(
         prog="refinery",
         description="Run one stage of the refinery pipeline (DVC and Prefect call these).",
-        epilog="Pipeline: " + " -> ".join(dict.fromkeys(s.command for s in STAGES)),
+        epilog="Pipeline: " + " -> ".join(stage.cli for stage in commands()),
     )
     parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("--debug", action="store_true",
                         help="show the traceback of a stage's error (bad data or params), too")
     sub = parser.add_subparsers(dest="stage", metavar="<stage>", required=True)
-    seen: set[str] = set()
-    for stage in STAGES:
-        if stage.command in seen:
-            continue
-        seen.add(stage.command)
-        stage_parser = sub.add_parser(stage.command, help=stage.help, description=stage.help)
+    for stage in commands():
+        stage_parser = sub.add_parser(stage.cli, help=stage.help, description=stage.help)
         for flag, kwargs in stage.arguments:
             stage_parser.add_argument(flag, **kwargs)
     check = sub.add_parser(
@@ -55,6 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="send runs spooled while the MLflow server was unreachable (tracking.on_unreachable)",
     )
     sync.set_defaults(_sync=True)
+    dvc_yaml = sub.add_parser(
+        "dvc-yaml", help="write dvc.yaml from the stage declarations (src/refinery/pipeline.py)")
+    dvc_yaml.add_argument("--check", action="store_true",
+                          help="only say whether dvc.yaml is current (exit 1 if not)")
+    dvc_yaml.set_defaults(_dvc_yaml=True)
     return parser
 
 
@@ -70,8 +72,10 @@ def main(argv: list[str] | None = None) -> int:
         return _sync_tracking()
     if getattr(args, "_profile", False):
         return _apply_profile(args)
+    if getattr(args, "_dvc_yaml", False):
+        return _dvc_yaml(args.check)
     from refinery.params import load_params
-    from refinery.stages import stage_for_command
+    from refinery.pipeline import run, stage_for_command
 
     try:
         params = load_params(args.params)
@@ -82,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if command == "check-params":
             return _check_params(args.params, params)
-        stage_for_command(command).run(params, args)
+        run(stage_for_command(command), params, args)
     except RefineryError as exc:
         if args.debug:
             raise
@@ -102,6 +106,22 @@ def _check_params(path: Path, params: object) -> int:
               "prepare has run)")
     else:
         print(f"training plan on {paths.PREPARED}:\n{plan.describe()}")
+    return 0
+
+
+def _dvc_yaml(check: bool) -> int:
+    from refinery import fsutil
+    from refinery.pipeline import REPO, dvc_yaml
+
+    target = REPO / "dvc.yaml"
+    text = dvc_yaml()
+    current = target.exists() and target.read_text(encoding="utf-8") == text
+    if check:
+        print(f"{target}: {'current' if current else 'out of date: run refinery dvc-yaml'}")
+        return 0 if current else 1
+    if not current:
+        fsutil.write_text(target, text)
+    print(f"{target}: {'unchanged' if current else 'written'}")
     return 0
 
 

@@ -16,11 +16,11 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from refinery import fsutil
+from refinery import fsutil, paths
 
 log = logging.getLogger(__name__)
 
-LINEAGE_DIR = Path("lineage")
+LINEAGE_DIR = paths.LINEAGE
 
 
 @dataclass(frozen=True)

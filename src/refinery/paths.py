@@ -21,10 +21,10 @@ STUDENT = MODELS / "student"
 STUDENT_INT8 = MODELS / "student-int8"
 
 REPORTS = Path("reports")
-EVALUATION_METRICS = REPORTS / "metrics.json"  # evaluate: every model's numbers (DVC metrics)
 METRICS = Path("metrics")
 PLOTS = Path("plots")
 CHECKPOINTS = Path("checkpoints")
+LINEAGE = Path("lineage")  # lineage/<stage>.json: the MLflow run behind a stage's outputs
 
 
 def metrics_file(stage: str) -> Path:

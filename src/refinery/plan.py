@@ -58,7 +58,7 @@ def training_samples(params: Params, meta: Mapping[str, Any]) -> dict[str, int]:
 
 def check_plan(params: Params, meta: Mapping[str, Any], world_size: int = 1) -> Plan:
     """The whole plan for ``params`` on data described by ``meta``; raise if any part fails."""
-    from refinery.augment.stage import resolve as resolve_policies
+    from refinery.stages.augment import resolve as resolve_policies
 
     problems: list[str] = []
     schedules: dict[str, Schedule] = {}

@@ -91,7 +91,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-HEADLINE_METRICS = Path("reports/metrics.json")  # the evaluate stage's headline numbers
+HEADLINE_METRICS = Path("metrics/evaluate.json")  # the evaluate stage's headline numbers
 HEADLINE_STAGE = "evaluate"
 
 
@@ -238,7 +238,7 @@ def _workspace_params(workspace: Path) -> dict[str, Any] | None:
 
 
 def _stage_order() -> list[str]:
-    from refinery.stages import STAGES
+    from refinery.pipeline import STAGES
 
     return [s.name for s in STAGES]
 

@@ -1,7 +1,8 @@
-"""Batched, per-image-random augmentation on the training device, and the ``augment`` stage.
+"""Batched, per-image-random augmentation on the training device.
 
-Two policies, built from ``params.augment`` by the stage and read back by the
-training stages with :func:`load_policies`:
+Two policies, built from ``params.augment`` by the ``augment`` stage
+(:mod:`refinery.stages.augment`) and read back by the training stages with
+:func:`refinery.formats.policies.load_policies`:
 
 * :class:`SupervisedPolicy`: crop/translate, flip, RandAugment or
   TrivialAugmentWide, random erasing, then MixUp/CutMix on the batch;
@@ -26,19 +27,13 @@ generator on the training device.
 
 from refinery.augment.batch import ParamBatch
 from refinery.augment.selfsup import SslPolicy, TwoViewParams, ViewParams
-from refinery.augment.stage import AugmentResult, PolicyError, augment, load_policies, resolve
 from refinery.augment.supervised import SupervisedParams, SupervisedPolicy
 
 __all__ = [
-    "AugmentResult",
     "ParamBatch",
-    "PolicyError",
     "SslPolicy",
     "SupervisedParams",
     "SupervisedPolicy",
     "TwoViewParams",
     "ViewParams",
-    "augment",
-    "load_policies",
-    "resolve",
 ]

@@ -36,12 +36,6 @@ def run_model(model: nn.Module, data: DeviceData, rt: Runtime, features: bool = 
     return torch.cat(outputs) if outputs else torch.empty(0)
 
 
-def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    if labels.numel() == 0:
-        return float("nan")
-    return float((logits.argmax(dim=1) == labels.to(logits.device)).float().mean())
-
-
 @torch.no_grad()
 def knn_accuracy(train_features: torch.Tensor, train_labels: torch.Tensor,
                  query_features: torch.Tensor, query_labels: torch.Tensor,

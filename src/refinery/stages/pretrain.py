@@ -8,6 +8,7 @@ used for training; a kNN classifier on frozen features (labeled train subset
 
 from __future__ import annotations
 
+import argparse
 import logging
 from pathlib import Path
 
@@ -15,9 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from refinery import models
-from refinery.augment import SslPolicy, load_policies
-from refinery.data.prepared import load_prepared
+from refinery import models, paths, stage
+from refinery.augment import SslPolicy
 from refinery.engine import (
     Batch,
     Checkpointer,
@@ -30,8 +30,11 @@ from refinery.engine import (
 )
 from refinery.engine.runtime import Runtime
 from refinery.engine.schedule import for_section
-from refinery.params import EngineParams, ModelParams, PretrainParams
-from refinery.training.common import (
+from refinery.formats.policies import load_policies
+from refinery.formats.prepared import load_prepared
+from refinery.params import EngineParams, ModelParams, Params, PretrainParams
+from refinery.pipeline import stage_named
+from refinery.training import (
     TrainResult,
     finish_training,
     knn_accuracy,
@@ -176,3 +179,19 @@ def pretrain(p: PretrainParams, model_p: ModelParams, engine_p: EngineParams, se
         curves_png, {"loss": ["train_loss"], "accuracy": ["knn_acc", "train_contrastive_acc"],
                      "learning rate": ["lr"]}, "SimCLR pretraining", metrics,
         warnings=schedule.warnings)
+
+
+def main(params: Params, args: argparse.Namespace) -> None:
+    """The adapter (:mod:`refinery.stage`): ``python -m refinery pretrain``."""
+    declared = stage_named("pretrain")
+    with stage.tracked(declared, params) as run:
+        stage.check_plan(params)
+        result = pretrain(
+            params.pretrain, params.model, params.engine, params.seed,
+            prepared_dir=paths.PREPARED, policies_path=paths.AUGMENT / "policies.json",
+            out_dir=paths.PRETRAINED, checkpoint_dir=paths.CHECKPOINTS / declared.name,
+            plots_csv=paths.PLOTS / "pretrain.csv", curves_png=declared.reports / "curves.png",
+            sink=run,
+        )
+        stage.finish(declared, run, result.metrics(), warnings=result.warnings,
+                     artifacts=[declared.reports / "curves.png", paths.PRETRAINED / "config.json"])

@@ -1,4 +1,4 @@
-"""Bring each kind of source into the one raw layout of :mod:`refinery.data.raw`.
+"""Bring each kind of source into the one raw layout of :mod:`refinery.formats.raw`.
 
 Three sources, three shapes, one result: the bundled scikit-learn digits and
 the CIFAR-10 binary batches become uint8 pixel arrays (kind ``arrays``); an
@@ -22,11 +22,11 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
-from refinery.data.archive import PackedArchive, PackedMember, keep_members
-from refinery.data.raw import PACKED_BLOB, packed_location
-from refinery.data.splits import stratified_holdout
 from refinery.errors import DataLayoutError
+from refinery.formats.raw import PACKED_BLOB, packed_location
 from refinery.params import DownloadParams
+from refinery.splits import stratified_holdout
+from refinery.stages.download.archive import PackedArchive, PackedMember, keep_members
 
 log = logging.getLogger(__name__)
 

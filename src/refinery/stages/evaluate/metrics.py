@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from refinery import fsutil
+from refinery.scoring import accuracy
 
 ArrayLike = torch.Tensor | np.ndarray
 
@@ -32,14 +33,6 @@ def softmax(logits: ArrayLike) -> np.ndarray:
     z = z - z.max(axis=1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=1, keepdims=True)
-
-
-def accuracy(scores: ArrayLike, labels: ArrayLike) -> float:
-    """Top-1 accuracy (0..1) from logits or probabilities."""
-    y = _numpy(labels)
-    if y.size == 0:
-        raise ValueError("accuracy of an empty set is undefined")
-    return float((_numpy(scores).argmax(axis=1) == y).mean())
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ the model version, on the run and in ``registry.json``, accepted or not.
 
 Accuracies are comparable only on the same test set, so every version is
 tagged ``refinery.dataset`` (source and test-split digest, see
-:func:`refinery.data.prepared.dataset_identity`) and a champion measured on
+:func:`refinery.formats.prepared.dataset_identity`) and a champion measured on
 another data set is never compared with: the candidate is not promoted, and
 the reason says so. A deployment loading ``@champion`` must not silently
 switch to a model of other data; give each data set its own
@@ -41,7 +41,7 @@ class Candidate:
     accuracy: float
     latency_p50_ms: float
     teacher_accuracy: float
-    dataset: str = ""  # refinery.data.prepared.dataset_identity of its test split
+    dataset: str = ""  # refinery.formats.prepared.dataset_identity of its test split
 
 
 @dataclass(frozen=True)
@@ -123,7 +123,7 @@ def register(run: Any, reg: RegistryParams, teacher: torch.nn.Module, int8_progr
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from refinery import int8_pyfunc
+    from refinery.stages.evaluate import int8_pyfunc
 
     with run.active():
         teacher_info = mlflow.pytorch.log_model(

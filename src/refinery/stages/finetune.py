@@ -8,6 +8,7 @@ labels, the baseline that says what pretraining bought.
 
 from __future__ import annotations
 
+import argparse
 import logging
 from pathlib import Path
 from typing import Literal
@@ -16,9 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from refinery import models
-from refinery.augment import SupervisedPolicy, load_policies
-from refinery.data.prepared import PreparedData, load_prepared
+from refinery import models, paths, stage
+from refinery.augment import SupervisedPolicy
 from refinery.engine import (
     Batch,
     Checkpointer,
@@ -32,13 +32,12 @@ from refinery.engine import (
 from refinery.engine.runtime import Runtime
 from refinery.engine.schedule import for_section
 from refinery.errors import RefineryError
-from refinery.params import EngineParams, FinetuneParams, ModelParams
-from refinery.training.common import (
-    TrainResult,
-    accuracy,
-    finish_training,
-    run_model,
-)
+from refinery.formats.policies import load_policies
+from refinery.formats.prepared import PreparedData, load_prepared
+from refinery.params import EngineParams, FinetuneParams, ModelParams, Params
+from refinery.pipeline import stage_named
+from refinery.scoring import accuracy
+from refinery.training import TrainResult, finish_training, run_model
 
 log = logging.getLogger(__name__)
 
@@ -181,3 +180,23 @@ def finetune(p: FinetuneParams, model_p: ModelParams, engine_p: EngineParams, se
                                 "accuracy": ["train_acc", "val_acc", "test_acc"],
                                 "learning rate": ["lr"]}, f"fine-tuning ({init})", metrics,
         warnings=schedule.warnings)
+
+
+def main(params: Params, args: argparse.Namespace) -> None:
+    """The adapter (:mod:`refinery.stage`): ``python -m refinery finetune --init ...``,
+    the teacher (``finetune``) or the scratch baseline (``finetune_scratch``)."""
+    init = args.init
+    declared = stage_named("finetune" if init == "pretrained" else "finetune_scratch")
+    out = paths.TEACHER if init == "pretrained" else paths.SCRATCH
+    with stage.tracked(declared, params) as run:
+        stage.check_plan(params)
+        result = finetune(
+            params.finetune, params.model, params.engine, params.seed, init=init,
+            prepared_dir=paths.PREPARED, policies_path=paths.AUGMENT / "policies.json",
+            pretrained_dir=paths.PRETRAINED if init == "pretrained" else None,
+            out_dir=out, checkpoint_dir=paths.CHECKPOINTS / declared.name,
+            plots_csv=paths.PLOTS / f"{declared.name}.csv",
+            curves_png=declared.reports / "curves.png", sink=run,
+        )
+        stage.finish(declared, run, result.metrics(), warnings=result.warnings,
+                     artifacts=[declared.reports / "curves.png", out / "config.json"])

@@ -11,6 +11,7 @@ compiled model with an eager one.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import io
 import logging
@@ -20,11 +21,13 @@ from pathlib import Path
 
 import torch
 
-from refinery import fsutil, models
-from refinery.data.prepared import load_split
-from refinery.evaluation import cost as cost_lib
-from refinery.evaluation.report import ModelReport, comparison_table, evaluate_model
-from refinery.params import EvaluateParams
+from refinery import fsutil, models, paths, stage
+from refinery.formats import int8 as int8_format
+from refinery.formats.prepared import load_split
+from refinery.params import EvaluateParams, Params
+from refinery.pipeline import stage_named
+from refinery.stages.evaluate import cost as cost_lib
+from refinery.stages.evaluate.report import ModelReport, comparison_table, evaluate_model
 
 log = logging.getLogger(__name__)
 
@@ -116,8 +119,7 @@ def write_prediction_plots(name: str, logits: torch.Tensor, labels: torch.Tensor
 def evaluate(p: EvaluateParams, seed: int, prepared_dir: Path, model_dirs: dict[str, Path],
              int8_path: Path, out_dir: Path, plots_dir: Path) -> EvaluateResult:
     """Score every model on the test split; write per-model reports and the comparison."""
-    from refinery import quantize
-    from refinery.evaluation.report import predict_logits
+    from refinery.stages.evaluate.report import predict_logits
 
     meta_classes = models.load_config(model_dirs["teacher"]).classes
     test = load_split(prepared_dir / "test.pt")
@@ -141,7 +143,7 @@ def evaluate(p: EvaluateParams, seed: int, prepared_dir: Path, model_dirs: dict[
             compiled_student_ms = cost_lib.cpu_latency(
                 _fp32_predict(compiled), shape, threads=p.latency.threads,
                 warmup=max(p.latency.warmup, 3), iterations=p.latency.iterations).p50_ms
-    int8 = quantize.compile_for_cpu(quantize.load_quantized(int8_path))
+    int8 = int8_format.compile_for_cpu(int8_format.load_quantized(int8_path))
     predict = _padded(int8, p.batch_size)
     log.info("evaluate: student_int8 (compiling int8 kernels)")
     reports["student_int8"] = evaluate_model(
@@ -185,3 +187,33 @@ def _cost_note(reports: dict[str, ModelReport], compiled_student_ms: float | Non
             line += f" and {compiled_student_ms:.2f} ms for the compiled fp32 student"
         lines.append(line + ".")
     return "\n".join(lines) + "\n"
+
+
+def main(params: Params, args: argparse.Namespace) -> None:
+    """The adapter (:mod:`refinery.stage`): ``python -m refinery evaluate``, then the
+    registry gate (:mod:`refinery.stages.evaluate.registry`)."""
+    from refinery.formats.prepared import dataset_identity
+    from refinery.stages.evaluate import registry
+
+    declared = stage_named("evaluate")
+    int8 = paths.STUDENT_INT8 / "model.pt2"
+    with stage.tracked(declared, params) as run:
+        result = evaluate(
+            params.evaluate, params.seed, prepared_dir=paths.PREPARED,
+            model_dirs={"scratch": paths.SCRATCH, "teacher": paths.TEACHER,
+                        "student": paths.STUDENT},
+            int8_path=int8, out_dir=declared.reports, plots_dir=paths.PLOTS / "evaluate")
+        stage.finish(declared, run, result.metrics())
+        test = load_split(paths.PREPARED / "test.pt")
+        int8_report = result.reports["student_int8"]
+        registry.register(
+            run, params.registry, models.load_model(paths.TEACHER), int8,
+            example=(test.images[:2].float() / 255).numpy(),
+            candidate=registry.Candidate(
+                accuracy=int8_report.accuracy,
+                latency_p50_ms=int8_report.cost.latency.p50_ms,
+                teacher_accuracy=result.reports["teacher"].accuracy,
+                dataset=dataset_identity(paths.PREPARED)),
+            tags={"mlflow_run_id": run.run_id},
+            out_file=declared.reports / "registry.json")
+        run.log_artifacts(declared.reports, "evaluation")

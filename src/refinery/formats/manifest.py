@@ -56,7 +56,7 @@ import numpy as np
 import pandas as pd
 
 from refinery import progress
-from refinery.data.raw import (
+from refinery.formats.raw import (
     RECORD_COLUMNS,
     DecodedImage,
     RawDataset,

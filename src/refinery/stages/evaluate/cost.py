@@ -18,7 +18,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from refinery.params import LatencyParams
 
@@ -27,11 +26,6 @@ Predict = Callable[[torch.Tensor], torch.Tensor]
 #: Untimed batches before a throughput measurement: the first call of a
 #: compiled model at a new batch size compiles, the second shows steady state.
 THROUGHPUT_WARMUP = 2
-
-
-def parameter_count(model: nn.Module) -> int:
-    """Trainable-size count: parameters only (not BN running statistics)."""
-    return sum(p.numel() for p in model.parameters())
 
 
 def file_size_mb(path: str | Path) -> float:

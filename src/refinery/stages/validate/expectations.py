@@ -18,7 +18,7 @@ from typing import Any
 
 import pandas as pd
 
-from refinery.data import manifest as manifest_mod
+from refinery.formats import manifest as manifest_mod
 from refinery.params import ImageParams, ValidateParams
 
 DOCS_SITE = "refinery"  # the ephemeral context already has a "local_site" in a temp folder

@@ -1,9 +1,9 @@
 """The ``validate`` stage: build the manifest and check it with Great Expectations.
 
 Every bound comes from ``params.validate`` and ``params.images``; the checks
-themselves are in :mod:`refinery.data.expectations`. The manifest, and the
+themselves are in :mod:`refinery.stages.validate.expectations`. The manifest, and the
 converted pixels of its rows (``data/pixels.npy``, which ``prepare`` packs
-instead of decoding every image again; see :mod:`refinery.data.manifest`), are
+instead of decoding every image again; see :mod:`refinery.formats.manifest`), are
 written only when every critical expectation passes, so a later stage can
 never run on data that failed (DVC stops at the non-zero exit that
 :meth:`ValidationResult.raise_if_failed` causes). Reports (``validation.json``
@@ -13,6 +13,7 @@ someone needs to read them.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import logging
@@ -27,9 +28,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from refinery import fsutil
-from refinery.data import manifest as manifest_mod
-from refinery.data.expectations import (
+from refinery import fsutil, paths, stage
+from refinery.errors import DataValidationFailed
+from refinery.formats import manifest as manifest_mod
+from refinery.formats.raw import RawDataset
+from refinery.params import ImageParams, Params, ValidateParams
+from refinery.pipeline import stage_named
+from refinery.stages.validate.expectations import (
     SPLITS,
     Failure,
     QuietGX,
@@ -38,9 +43,6 @@ from refinery.data.expectations import (
     run_suites,
     shown_name,
 )
-from refinery.data.raw import RawDataset
-from refinery.errors import DataValidationFailed
-from refinery.params import ImageParams, ValidateParams
 
 log = logging.getLogger(__name__)
 
@@ -242,3 +244,15 @@ def _write_report(path: Path, result: ValidationResult, p: ValidateParams,
         "great_expectations": serialized,
     }
     fsutil.write_text(path, json.dumps(report, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def main(params: Params, args: argparse.Namespace) -> None:
+    """The adapter (:mod:`refinery.stage`): ``python -m refinery validate``."""
+    declared = stage_named("validate")
+    with stage.tracked(declared, params) as run:
+        result = validate(params.validate_params, params.images, raw_dir=paths.RAW,
+                          manifest_path=paths.MANIFEST, reports_dir=declared.reports,
+                          pixels_path=paths.PIXELS)
+        run.log_artifacts(declared.reports, "validation")
+        stage.finish(declared, run, result.metrics())
+        result.raise_if_failed()

@@ -12,6 +12,7 @@ key, instead of silently degrading every batch later), and writes::
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import time
@@ -21,7 +22,7 @@ from typing import Any
 
 import torch
 
-from refinery import fsutil
+from refinery import fsutil, paths, stage
 from refinery.augment import autoaugment
 from refinery.augment.batch import box_fit_fraction
 from refinery.augment.preview import pick_rows, render
@@ -32,20 +33,17 @@ from refinery.augment.supervised import (
     RESIZED_RATIO,
     SupervisedPolicy,
 )
-from refinery.data.prepared import load_split
-from refinery.errors import ParamsError
-from refinery.params import AugmentParams
+from refinery.formats.policies import POLICIES_FILE, PolicyError, policies_document
+from refinery.formats.prepared import load_split
+from refinery.params import AugmentParams, Params
+from refinery.pipeline import stage_named
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
-POLICIES_FILE = "policies.json"
 PREVIEW_FILE = "preview.png"
 TIMING_BATCH = 512
 
 
-class PolicyError(ParamsError):
-    """An augmentation setting that cannot work on the prepared images; names the key."""
 
 
 @dataclass(frozen=True)
@@ -139,27 +137,6 @@ def resolve(p: AugmentParams, meta: dict[str, Any]) -> tuple[SupervisedPolicy, S
     return supervised, ssl
 
 
-def policies_document(supervised: SupervisedPolicy, ssl: SslPolicy) -> dict[str, Any]:
-    return {"format_version": FORMAT_VERSION, "supervised": supervised.to_dict(),
-            "ssl": ssl.to_dict()}
-
-
-def load_policies(path: str | Path) -> tuple[SupervisedPolicy, SslPolicy]:
-    """Read ``policies.json`` (a file, or the stage's output folder) back into policies."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / POLICIES_FILE
-    doc = json.loads(path.read_text())
-    if doc.get("format_version") != FORMAT_VERSION:
-        raise PolicyError(f"{path}: format_version {doc.get('format_version')!r}, this code "
-                          f"reads {FORMAT_VERSION}; re-run the augment stage")
-    try:
-        return SupervisedPolicy.from_dict(doc["supervised"]), SslPolicy.from_dict(doc["ssl"])
-    except (KeyError, TypeError) as exc:
-        raise PolicyError(f"{path}: not a policies file this code reads ({exc}); re-run the "
-                          "augment stage") from None
-
-
 # ----------------------------------------------------------------------- stage
 
 
@@ -211,3 +188,13 @@ def augment(p: AugmentParams, prepared_dir: Path, out_dir: Path, seed: int) -> A
         ssl_pairs_per_s=ssl_rate,
         seconds=time.perf_counter() - start,
     )
+
+
+def main(params: Params, args: argparse.Namespace) -> None:
+    """The adapter (:mod:`refinery.stage`): ``python -m refinery augment``."""
+    declared = stage_named("augment")
+    with stage.tracked(declared, params) as run:
+        result = augment(params.augment, prepared_dir=paths.PREPARED, out_dir=paths.AUGMENT,
+                         seed=params.seed)
+        stage.finish(declared, run, result.metrics(),
+                     artifacts=[result.policies_path, result.preview_path])

@@ -8,7 +8,7 @@ row re-hashed against the manifest's ``content_hash``. The manifest records
 the ``images`` params and a fingerprint of the raw files it was built from:
 other params are refused, and if ``data/raw`` changed since validation (or
 there is no pixels file) the images are decoded again with the manifest's own
-code (:func:`refinery.data.manifest.map_chunks`) and their hashes compared, so
+code (:func:`refinery.formats.manifest.map_chunks`) and their hashes compared, so
 a ``data/raw`` or ``images`` change since validation is an error here, naming
 the images that changed, not silently new data.
 
@@ -19,6 +19,7 @@ Same inputs and seed give byte-identical files.
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import time
@@ -30,12 +31,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from refinery import fsutil
-from refinery.data import manifest as manifest_mod
-from refinery.data.raw import RawDataset
-from refinery.data.splits import labeled_subset, stratified_holdout
+from refinery import fsutil, paths, stage
 from refinery.errors import DataValidationFailed
-from refinery.params import ImageParams, PrepareParams
+from refinery.formats import manifest as manifest_mod
+from refinery.formats.raw import RawDataset
+from refinery.params import ImageParams, Params, PrepareParams
+from refinery.pipeline import stage_named
+from refinery.splits import labeled_subset, stratified_holdout
 
 log = logging.getLogger(__name__)
 
@@ -221,7 +223,7 @@ def _pack(pixels: np.ndarray, rows: np.ndarray, histograms: np.ndarray | None = 
 def _as_split(images: np.ndarray, labels: np.ndarray, ids: list[str]) -> Any:
     import torch
 
-    from refinery.data.prepared import Split
+    from refinery.formats.prepared import Split
 
     return Split(images=torch.from_numpy(images), labels=torch.from_numpy(labels.astype(np.int64)),
                  ids=ids)
@@ -277,7 +279,7 @@ def prepare(p: PrepareParams, images: ImageParams, seed: int, raw_dir: Path,
     torch_import.join()
     import torch
 
-    from refinery.data.prepared import save_split
+    from refinery.formats.prepared import save_split
 
     with fsutil.atomic_dir(out_dir) as tmp:
         for name, r in rows.items():  # one packed split in memory at a time
@@ -316,3 +318,15 @@ def prepare(p: PrepareParams, images: ImageParams, seed: int, raw_dir: Path,
              [round(s, 4) for s in std], result.timings["seconds"],
              "decoded again" if decoded else "from validate")
     return result
+
+
+def main(params: Params, args: argparse.Namespace) -> None:
+    """The adapter (:mod:`refinery.stage`): ``python -m refinery prepare``. The whole
+    training plan is checked against the new data before anything is written."""
+    declared = stage_named("prepare")
+    with stage.tracked(declared, params) as run:
+        result = prepare(params.prepare, params.images, seed=params.seed, raw_dir=paths.RAW,
+                         manifest_path=paths.MANIFEST, out_dir=paths.PREPARED,
+                         pixels_path=paths.PIXELS,
+                         check=lambda meta: stage.check_plan(params, run, meta))
+        stage.finish(declared, run, result.metrics(), artifacts=[paths.PREPARED / "meta.json"])

@@ -20,37 +20,18 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from refinery import fsutil
-from refinery.evaluation import corruptions, metrics
-from refinery.evaluation.cost import Cost, measure_cost
+from refinery import fsutil, scoring
 from refinery.params import EvaluateParams
-
-Predict = Callable[[torch.Tensor], torch.Tensor]
-Transform = Callable[[torch.Tensor, int], torch.Tensor]  # (float batch, batch index) -> batch
-
-
-def _batches(images: torch.Tensor, batch_size: int) -> Iterator[tuple[int, torch.Tensor]]:
-    for index, start in enumerate(range(0, images.shape[0], batch_size)):
-        yield index, images[start : start + batch_size].float().div_(255.0)
-
-
-def predict_logits(predict: Predict, images_uint8: torch.Tensor, batch_size: int,
-                   transform: Transform | None = None) -> torch.Tensor:
-    """Logits ``(N, K)`` (float, CPU) over uint8 images, in fixed-size batches."""
-    outputs = []
-    with torch.no_grad():
-        for index, batch in _batches(images_uint8, batch_size):
-            if transform is not None:
-                batch = transform(batch, index)
-            outputs.append(predict(batch).detach().float().cpu())
-    return torch.cat(outputs)
+from refinery.scoring import Predict, predict_logits
+from refinery.stages.evaluate import corruptions, metrics
+from refinery.stages.evaluate.cost import Cost, measure_cost
 
 
 def batch_seed(seed: int, batch_index: int) -> int:
@@ -135,7 +116,7 @@ def evaluate_model(
         def transform(x: torch.Tensor, index: int, corruption: str = corruption) -> torch.Tensor:
             return corruptions.corrupt(corruption, x, params.corruptions, batch_seed(seed, index))
 
-        robust[corruption] = metrics.accuracy(
+        robust[corruption] = scoring.accuracy(
             predict_logits(predict, images_uint8, batch, transform), labels
         )
 

@@ -10,15 +10,18 @@ the CIFAR-10 binary batches, six files, are extracted and parsed.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from refinery import fsutil
-from refinery.data import archive, fetch, raw, sources
-from refinery.params import DownloadParams
+from refinery import fsutil, paths, stage
+from refinery.formats import raw
+from refinery.params import DownloadParams, Params
+from refinery.pipeline import stage_named
+from refinery.stages.download import archive, fetch, sources
 
 log = logging.getLogger(__name__)
 
@@ -131,3 +134,13 @@ def download(p: DownloadParams, out_dir: Path, cache_dir: Path, seed: int) -> Do
              result.source, out_dir, result.counts["train"], result.counts["test"],
              len(result.classes), result.kind, result.seconds)
     return result
+
+
+def main(params: Params, args: argparse.Namespace) -> None:
+    """The adapter (:mod:`refinery.stage`): ``python -m refinery download``."""
+    declared = stage_named("download")
+    with stage.tracked(declared, params) as run:
+        result = download(params.download, out_dir=paths.RAW, cache_dir=paths.DOWNLOAD_CACHE,
+                          seed=params.seed)
+        run.set_tags({"refinery.source": result.source, "refinery.source_sha256": result.sha256})
+        stage.finish(declared, run, result.metrics(), artifacts=[paths.RAW / "dataset.json"])

@@ -14,6 +14,7 @@ unlabeled data pays off.
 
 from __future__ import annotations
 
+import argparse
 import logging
 from pathlib import Path
 
@@ -21,9 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from refinery import models
-from refinery.augment import SupervisedPolicy, load_policies
-from refinery.data.prepared import load_prepared
+from refinery import models, paths, stage
+from refinery.augment import SupervisedPolicy
 from refinery.engine import (
     Batch,
     Checkpointer,
@@ -37,13 +37,12 @@ from refinery.engine import (
 from refinery.engine.runtime import Runtime
 from refinery.engine.schedule import for_section
 from refinery.errors import RefineryError
-from refinery.params import DistillParams, EngineParams, ModelParams
-from refinery.training.common import (
-    TrainResult,
-    accuracy,
-    finish_training,
-    run_model,
-)
+from refinery.formats.policies import load_policies
+from refinery.formats.prepared import load_prepared
+from refinery.params import DistillParams, EngineParams, ModelParams, Params
+from refinery.pipeline import stage_named
+from refinery.scoring import accuracy
+from refinery.training import TrainResult, finish_training, run_model
 
 log = logging.getLogger(__name__)
 
@@ -167,3 +166,20 @@ def distill(p: DistillParams, model_p: ModelParams, engine_p: EngineParams, seed
         curves_png, {"loss": ["train_loss", "train_kd", "val_loss"], "accuracy": ["val_acc"],
                      "learning rate": ["lr"]}, "distillation", metrics,
         warnings=schedule.warnings)
+
+
+def main(params: Params, args: argparse.Namespace) -> None:
+    """The adapter (:mod:`refinery.stage`): ``python -m refinery distill``."""
+    declared = stage_named("distill")
+    with stage.tracked(declared, params) as run:
+        stage.check_plan(params)
+        result = distill(
+            params.distill, params.model, params.engine, params.seed,
+            prepared_dir=paths.PREPARED, policies_path=paths.AUGMENT / "policies.json",
+            teacher_dir=paths.TEACHER, out_dir=paths.STUDENT,
+            checkpoint_dir=paths.CHECKPOINTS / declared.name,
+            plots_csv=paths.PLOTS / "distill.csv", curves_png=declared.reports / "curves.png",
+            sink=run,
+        )
+        stage.finish(declared, run, result.metrics(), warnings=result.warnings,
+                     artifacts=[declared.reports / "curves.png", paths.STUDENT / "config.json"])

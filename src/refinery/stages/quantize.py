@@ -36,9 +36,9 @@ to load or run it eagerly, only to *compile* it to int8 kernels::
 
 from __future__ import annotations
 
+import argparse
 import copy
 import math
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,24 +46,34 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from refinery import fsutil
-from refinery.params import QuantizeParams
+from refinery import fsutil, paths, scoring, stage
+from refinery.formats.int8 import (
+    ARTIFACT_NAME,
+    OPS_MODULE,
+    compile_for_cpu,
+    file_size_ratio,
+    load_quantized,
+    register_quantized_ops,
+    save_quantized,
+)
+from refinery.params import Params, QuantizeParams
+from refinery.pipeline import stage_named
 
-#: File name of the int8 program inside the stage's output folder.
-ARTIFACT_NAME = "model.pt2"
+__all__ = [
+    "ARTIFACT_NAME",
+    "compile_for_cpu",
+    "file_size_ratio",
+    "load_quantized",
+    "quantize",
+    "quantize_ptq",
+    "quantize_qat",
+    "register_quantized_ops",
+    "save_quantized",
+]
 
-#: The registration import a fresh process needs before ``torch.export.load``.
-OPS_MODULE = "torch.ao.quantization.fx._decomposed"
 
 #: Node metadata that only serves debugging; kept out of the saved artifact.
 _DEBUG_META = ("stack_trace", "from_node", "source_fn_stack", "torch_fn", "nn_module_stack")
-
-
-def register_quantized_ops() -> None:
-    """Register ``torch.ops.quantized_decomposed.*`` (needed before loading a ``.pt2``)."""
-    import importlib
-
-    importlib.import_module(OPS_MODULE)
 
 
 def _quantizer(*, is_qat: bool, reduce_range: bool):  # -> X86InductorQuantizer
@@ -267,79 +277,6 @@ def needs_reduce_range() -> bool:
 # --------------------------------------------------------------------- artifact
 
 
-def save_quantized(program: torch.export.ExportedProgram, path: str | Path) -> Path:
-    """Write ``program`` to ``path`` (``.pt2``) atomically."""
-    path = Path(path)
-    # A file object: torch.export.save warns about a path not ending in .pt2 (the temp name).
-    with fsutil.atomic_path(path) as tmp, tmp.open("wb") as stream:
-        torch.export.save(program, stream)
-    return path
-
-
-def load_quantized(path: str | Path) -> nn.Module:
-    """Load a ``.pt2`` as a callable module (eager q/dq graph; fp32 math on int8 weights).
-
-    Use :func:`compile_for_cpu` on the result for real int8 kernels.
-    """
-    register_quantized_ops()
-    module = torch.export.load(Path(path)).module()
-    for tensor in [*module.parameters(), *module.buffers()]:
-        tensor.requires_grad_(False)
-    return module
-
-
-def compile_for_cpu(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``torch.compile`` a quantized module so Inductor runs oneDNN int8 kernels.
-
-    Needs Inductor's *freezing* (weights become constants, so the int8 weight
-    prepack and conv+add+ReLU fusions can run) and torchao's x86 lowering
-    passes, which register when the quantizer module is imported: torch 2.14's
-    Inductor no longer carries them, and without them the compiled graph does
-    fp32 math on dequantized weights.
-    Shapes are static (``dynamic=False``): each new batch size compiles once
-    on its first call (seconds; keep evaluation batches a fixed size). A
-    dynamic-batch compile is not an option in torch 2.14 / torchao 0.18: the
-    int8 conv's fake kernel reports an NCHW output where oneDNN returns
-    channels-last, and the compiled code fails its stride check for some
-    shapes. The returned function runs under ``no_grad``, which freezing needs.
-    """
-    import torch._inductor.config as inductor_config
-    import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer  # noqa: F401
-
-    compiled = torch.compile(
-        module,
-        dynamic=False,
-        # No guards on module attributes: with freezing the weights are baked into
-        # the compiled code anyway, and the guards cost ~0.1 ms of a ~2 ms batch-1 call.
-        options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe},
-    )
-
-    def run(images: torch.Tensor) -> torch.Tensor:
-        # Freezing must be the *global* setting while Dynamo traces (a recompile can
-        # happen on any call): passing it in torch.compile's options or wrapping the
-        # backend leaves the int8 weight prepack unfolded and compilation fails.
-        # Set and restored per call (~13 us; config.patch() costs ~50 us), so it
-        # never leaks to other compiled models, whose weights it would freeze.
-        # The C++ wrapper takes the Python glue out of the calls between kernels:
-        # 15-20% off batch-1 latency here.
-        previous = inductor_config.freezing, inductor_config.cpp_wrapper
-        inductor_config.freezing, inductor_config.cpp_wrapper = True, True
-        try:
-            with torch.no_grad(), warnings.catch_warnings():
-                # torchao's lowering copies a tensor with torch.tensor(); harmless.
-                warnings.filterwarnings("ignore", message="To copy construct from a tensor")
-                return compiled(images)
-        finally:
-            inductor_config.freezing, inductor_config.cpp_wrapper = previous
-
-    return run
-
-
-def file_size_ratio(fp32_file: str | Path, int8_file: str | Path) -> float:
-    """How many times smaller the int8 artifact is than the fp32 state dict."""
-    return Path(fp32_file).stat().st_size / Path(int8_file).stat().st_size
-
-
 # ------------------------------------------------------------------------ stage
 
 
@@ -370,17 +307,12 @@ class QuantizeResult:
         }
 
 
-@torch.no_grad()
 def _accuracy(predict: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,
               labels: torch.Tensor, batch_size: int = 256) -> float:
-    correct = 0
-    for start in range(0, images.shape[0], batch_size):
-        logits = predict(_as_float(images[start:start + batch_size]))
-        correct += int((logits.argmax(dim=1) == labels[start:start + batch_size]).sum())
-    return correct / max(images.shape[0], 1)
+    return scoring.accuracy(scoring.predict_logits(predict, images.cpu(), batch_size), labels)
 
 
-def quantize_student(p: QuantizeParams, seed: int, prepared_dir: Path, student_dir: Path,
+def quantize(p: QuantizeParams, seed: int, prepared_dir: Path, student_dir: Path,
                      out_dir: Path) -> QuantizeResult:
     """The ``quantize`` stage: PTQ of the distilled student, QAT when PTQ loses too much.
 
@@ -391,7 +323,7 @@ def quantize_student(p: QuantizeParams, seed: int, prepared_dir: Path, student_d
     import time
 
     from refinery import models
-    from refinery.data.prepared import load_prepared
+    from refinery.formats.prepared import load_prepared
 
     started = time.perf_counter()
     data = load_prepared(prepared_dir, splits=("train", "val"))
@@ -428,3 +360,13 @@ def quantize_student(p: QuantizeParams, seed: int, prepared_dir: Path, student_d
         qat_used=qat, fp32_bytes=(Path(student_dir) / "model.pt").stat().st_size,
         int8_bytes=(out_dir / ARTIFACT_NAME).stat().st_size, calibration_images=count,
         seconds=time.perf_counter() - started)
+
+
+def main(params: Params, args: argparse.Namespace) -> None:
+    """The adapter (:mod:`refinery.stage`): ``python -m refinery quantize``."""
+    declared = stage_named("quantize")
+    with stage.tracked(declared, params) as run:
+        result = quantize(params.quantize, params.seed, prepared_dir=paths.PREPARED,
+                          student_dir=paths.STUDENT, out_dir=paths.STUDENT_INT8)
+        stage.finish(declared, run, result.metrics(),
+                     artifacts=[paths.STUDENT_INT8 / "meta.json"])

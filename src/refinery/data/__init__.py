@@ -1,1 +1,0 @@
-"""Data stages: download, validate, prepare, and the raw/prepared layouts they share."""

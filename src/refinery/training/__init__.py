@@ -1,1 +1,0 @@
-"""Training stages (pretrain, finetune, distill) on the shared engine."""
