@@ -51,16 +51,17 @@ def main() -> None:
             print(f"[data] {stage}: {run_stage(root, stage, env=env):.1f} s", flush=True)
 
     # The stage function with test monitoring on: the pipeline leaves test to evaluate.
-    from refinery import paths
     from refinery.stages.finetune import finetune
+    from refinery.training import TrainingFiles
 
     os.chdir(root)
     os.environ.update(env)
-    result = finetune(params.finetune, params.model, params.engine, params.seed, init="scratch",
-                      prepared_dir=paths.PREPARED, policies_path=paths.AUGMENT / "policies.json",
-                      pretrained_dir=None, out_dir=root / "models/tta",
-                      checkpoint_dir=root / "checkpoints/tta", plots_csv=root / "plots/tta.csv",
-                      curves_png=root / "reports/tta.png", monitor_test=True)
+    result = finetune(params.finetune, model_p=params.model, engine_p=params.engine,
+                      seed=params.seed, init="scratch", monitor_test=True,
+                      files=TrainingFiles(out_dir=root / "models/tta",
+                                          checkpoint_dir=root / "checkpoints/tta",
+                                          plots_csv=root / "plots/tta.csv",
+                                          curves_png=root / "reports/tta.png"))
     print(f"\nmachine: {machine()}")
     print(f"ResNet-18 from scratch, {int(result.metrics()['labeled_images'])} labeled images, "
           f"batch {args.batch}, {args.epochs} epochs, compile={not args.no_compile}")

@@ -469,7 +469,7 @@ def test_stage_writes_policies_and_preview(tmp_path: Path, channels: int) -> Non
         supervised=SupervisedAugParams(translate_px=2, flip=True, auto="randaugment",
                                        erasing_p=0.3, cutmix_alpha=1.0),
         ssl=SslAugParams(flip=True, blur_p=0.5), preview_images=5)
-    result = augment(params, prepared, tmp_path / "augment", seed=3)
+    result = augment(params, prepared_dir=prepared, out_dir=tmp_path / "augment", seed=3)
     assert result.policies_path == tmp_path / "augment" / "policies.json"
     sup, ssl = load_policies(result.policies_path)
     assert (sup, ssl) == (result.supervised, result.ssl)
@@ -481,7 +481,7 @@ def test_stage_writes_policies_and_preview(tmp_path: Path, channels: int) -> Non
     metrics = result.metrics()
     assert all(math.isfinite(v) for v in metrics.values())
     assert 0 < metrics["supervised_change"] < 1 and 0 < metrics["ssl_view_gap"] < 1
-    again = augment(params, prepared, tmp_path / "again", seed=3)
+    again = augment(params, prepared_dir=prepared, out_dir=tmp_path / "again", seed=3)
     assert again.supervised_change == result.supervised_change  # seeded
     assert (tmp_path / "again" / "policies.json").read_bytes() == \
         result.policies_path.read_bytes()
@@ -500,7 +500,7 @@ def test_stage_rejects_impossible_policies(tmp_path: Path, params: AugmentParams
                                            key: str) -> None:
     prepared = write_prepared(tmp_path / "prepared")
     with pytest.raises(PolicyError, match=re.escape(key)):
-        augment(params, prepared, tmp_path / "augment", seed=0)
+        augment(params, prepared_dir=prepared, out_dir=tmp_path / "augment", seed=0)
     assert not (tmp_path / "augment").exists()
 
 

@@ -56,7 +56,8 @@ def test_cifar_binary_end_to_end(loopback_server: LoopbackServer, tmp_path: Path
     data, written = cifar_archive()
     url = loopback_server.serve("/cifar-10-binary.tar.gz", data)
     md5 = "md5:" + hashlib.md5(data).hexdigest()
-    result = download(params(url, md5), tmp_path / "raw", tmp_path / "downloads", seed=0)
+    result = download(params(url, md5), out_dir=tmp_path / "raw",
+                      cache_dir=tmp_path / "downloads", seed=0)
     assert result.sha256 == hashlib.sha256(data).hexdigest()
     assert result.counts == {"train": 15, "test": 3} and result.classes == NAMES
     assert result.metrics()["network_bytes"] == len(data)
@@ -89,9 +90,9 @@ def test_rerun_with_pinned_checksum_makes_no_requests(loopback_server: LoopbackS
     data, _ = cifar_archive(per_file=1)
     url = loopback_server.serve("/c.tar.gz", data)
     pinned = params(url, "sha256:" + hashlib.sha256(data).hexdigest())
-    download(pinned, tmp_path / "raw", tmp_path / "downloads", seed=0)
+    download(pinned, out_dir=tmp_path / "raw", cache_dir=tmp_path / "downloads", seed=0)
     assert loopback_server.count() == 1
-    again = download(pinned, tmp_path / "raw", tmp_path / "downloads", seed=0)
+    again = download(pinned, out_dir=tmp_path / "raw", cache_dir=tmp_path / "downloads", seed=0)
     assert loopback_server.count() == 1
     assert again.metrics()["reused_cache"] == 1.0 and again.metrics()["network_bytes"] == 0
     assert again.counts == {"train": 5, "test": 1}
@@ -100,8 +101,8 @@ def test_rerun_with_pinned_checksum_makes_no_requests(loopback_server: LoopbackS
 def test_default_class_names_without_meta(tmp_path: Path) -> None:
     data, _ = cifar_archive(per_file=1, meta=False)
     (tmp_path / "c.tgz").write_bytes(data)
-    result = download(params(str(tmp_path / "c.tgz"), None), tmp_path / "raw",
-                      tmp_path / "downloads", seed=0)
+    result = download(params(str(tmp_path / "c.tgz"), None), out_dir=tmp_path / "raw",
+                      cache_dir=tmp_path / "downloads", seed=0)
     assert result.classes[0] == "airplane" and len(result.classes) == 10
 
 
@@ -125,7 +126,8 @@ def test_bad_cifar_archive_is_a_layout_error(loopback_server: LoopbackServer, tm
     data, _ = cifar_archive(per_file=2, **kwargs)
     url = loopback_server.serve("/c.tar.gz", data)
     with pytest.raises(DataLayoutError, match=message):
-        download(params(url, None), tmp_path / "data" / "raw", tmp_path / "data" / "downloads",
+        download(params(url, None), out_dir=tmp_path / "data" / "raw",
+                 cache_dir=tmp_path / "data" / "downloads",
                  seed=0)
     assert_no_output(tmp_path)
 
@@ -135,7 +137,7 @@ def test_checksum_mismatch_leaves_no_output(loopback_server: LoopbackServer,
     data, _ = cifar_archive(per_file=1)
     url = loopback_server.serve("/c.tar.gz", data)
     with pytest.raises(ChecksumMismatch, match=url):
-        download(params(url, "md5:" + "f" * 32), tmp_path / "data" / "raw",
-                 tmp_path / "data" / "downloads", seed=0)
+        download(params(url, "md5:" + "f" * 32), out_dir=tmp_path / "data" / "raw",
+                 cache_dir=tmp_path / "data" / "downloads", seed=0)
     assert_no_output(tmp_path)
     assert not (tmp_path / "data" / "downloads").exists()  # not even an empty folder

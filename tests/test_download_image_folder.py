@@ -82,7 +82,8 @@ def write_archive(path: Path, files: dict[str, bytes], dirs: tuple[str, ...] = (
 
 def run(tmp_path: Path, url: str, seed: int = 0, **kwargs: object):
     p = DownloadParams(source="image-folder", url=url, http=FAST, **kwargs)  # type: ignore[arg-type]
-    return download(p, tmp_path / "data" / "raw", tmp_path / "data" / "downloads", seed=seed)
+    return download(p, out_dir=tmp_path / "data" / "raw",
+                    cache_dir=tmp_path / "data" / "downloads", seed=seed)
 
 
 def assert_no_output(tmp_path: Path) -> None:
@@ -206,7 +207,8 @@ def test_layout_errors_name_the_folder(tmp_path: Path, files: dict[str, bytes],
 
 
 def test_failure_keeps_the_previous_raw_data(tmp_path: Path) -> None:
-    download(DownloadParams(), tmp_path / "data" / "raw", tmp_path / "data" / "downloads",
+    download(DownloadParams(), out_dir=tmp_path / "data" / "raw",
+             cache_dir=tmp_path / "data" / "downloads",
              seed=0)
     bad = tmp_path / "bad.zip"
     with zipfile.ZipFile(bad, "w") as zf:
@@ -270,5 +272,5 @@ def test_shared_cifar_slice_over_http(loopback_server: LoopbackServer, tmp_path:
         decoded = ds.decode(row.location)
         assert (decoded.width, decoded.height, decoded.mode) == (32, 32, "RGB")
     download(DownloadParams(source="image-folder", url=url, checksum=checksum),
-             tmp_path / "data" / "raw", tmp_path / "data" / "downloads", seed=0)
+             out_dir=tmp_path / "data" / "raw", cache_dir=tmp_path / "data" / "downloads", seed=0)
     assert loopback_server.count() == 2  # the re-run reused the verified cache

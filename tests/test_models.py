@@ -65,3 +65,10 @@ def test_tap_cropping_is_exact_on_tiny_maps() -> None:
     b.square().sum().backward()
     for (name, p), q in zip(cropped.named_parameters(), plain.parameters(), strict=True):
         assert torch.allclose(p.grad, q.grad, atol=1e-4, rtol=1e-3), name
+
+
+def test_an_architecture_is_registered_once() -> None:
+    with pytest.raises(ValueError, match="registered twice"):
+        models.register_model("resnet18")(lambda config: (torch.nn.Identity(), 1))
+    with pytest.raises(ValueError, match="unknown model arch 'nope'"):
+        models.build_model(_config("nope", 8, 1))

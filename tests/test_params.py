@@ -11,7 +11,7 @@ import pytest
 import yaml
 from workspace import REPO
 
-from refinery.params import ParamsError, load_params, parse_params
+from refinery.params import Params, ParamsError, load_params, parse_params
 from refinery.profiles import apply_profile, available
 
 
@@ -117,3 +117,8 @@ def test_a_bad_override_leaves_params_untouched(tmp_path: Path) -> None:
     with pytest.raises(ParamsError, match="no profile 'imagenet'"):
         apply_profile(target, "imagenet")
     assert target.read_bytes() == before
+
+
+def test_params_yaml_states_the_schema_defaults() -> None:
+    """A default is said once: params.yaml is the schema's defaults, written out."""
+    assert load_params(REPO / "params.yaml") == Params()

@@ -160,3 +160,20 @@ def test_check_params_shows_the_resolved_plan(prepared: Path, tmp_path: Path) ->
     assert "pretrain: 1293 samples, batch 128, lr 0.5, 12 epochs x 10 steps = 120 steps" in out
     assert "note: finetune.batch_size 64 >" in out
     assert "warning: finetune runs only 20 optimizer steps (5 epochs x 4)" in out
+
+
+def test_the_teacher_arch_is_checked_against_the_model_registry() -> None:
+    from refinery import models
+
+    assert {"resnet18", "resnet34", "resnet50", "student"} <= set(models.available())
+    params = repo_params({"model.teacher.arch": "resnet19"})
+    with pytest.raises(ParamsError, match=r"model.teacher.arch: unknown model 'resnet19'; "
+                                          r"expected one of \['resnet18'"):
+        check_plan(params, _meta(1293, 130))
+
+
+def test_check_params_names_an_unknown_arch_before_any_data(tmp_path: Path) -> None:
+    write_params(tmp_path, {"model.teacher.arch": "vit"})
+    result = run_cli(tmp_path, "check-params", check=False)
+    assert result.returncode == 2
+    assert "model.teacher.arch: unknown model 'vit'" in result.stderr

@@ -48,7 +48,8 @@ def write_manifest(root: Path, images: ImageParams = IMAGES, drop_undecodable: b
 def run(root: Path, out: str = "prepared", seed: int = 0, images: ImageParams = IMAGES,
         **changes: float) -> Path:
     p = PrepareParams(**{"val_fraction": 0.25, "label_fraction": 0.2, **changes})
-    prepare(p, images, seed, raw_dir=root / "raw", manifest_path=root / "manifest.parquet",
+    prepare(p, images=images, seed=seed, raw_dir=root / "raw",
+            manifest_path=root / "manifest.parquet",
             out_dir=root / out)
     return root / out
 
@@ -155,7 +156,7 @@ def test_same_seed_same_bytes_other_seed_other_split(dataset: Path) -> None:
 def test_validated_pixels_are_packed_without_decoding(dataset: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     no_decoding(monkeypatch)
-    result = prepare(PrepareParams(val_fraction=0.25, label_fraction=0.2), IMAGES, 0,
+    result = prepare(PrepareParams(val_fraction=0.25, label_fraction=0.2), images=IMAGES, seed=0,
                      raw_dir=dataset / "raw", manifest_path=dataset / "manifest.parquet",
                      out_dir=dataset / "prepared")
     assert not result.decoded and result.metrics()["decoded_images"] == 0
@@ -169,7 +170,7 @@ def test_decoding_again_gives_the_same_bytes(dataset: Path,
     (dataset / "pixels.npy").unlink()
     monkeypatch.setattr(manifest_mod, "POOL_MIN_RECORDS", 1)
     monkeypatch.setattr(manifest_mod, "_MAX_CHUNK", 5)
-    result = prepare(PrepareParams(val_fraction=0.25, label_fraction=0.2), IMAGES, 0,
+    result = prepare(PrepareParams(val_fraction=0.25, label_fraction=0.2), images=IMAGES, seed=0,
                      raw_dir=dataset / "raw", manifest_path=dataset / "manifest.parquet",
                      out_dir=dataset / "b", workers=2)
     assert result.decoded and result.metrics()["decoded_images"] == 72
@@ -198,8 +199,9 @@ def test_validate_then_prepare(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
                   kind="packed")
     checked = validate(ValidateParams(rows={"train": (30, 100), "test": (10, 50)},
                                       min_class_fraction=0.1),
-                       IMAGES, tmp_path / "raw", tmp_path / "manifest.parquet",
-                       tmp_path / "reports")
+                       images=IMAGES, raw_dir=tmp_path / "raw",
+                       manifest_path=tmp_path / "manifest.parquet",
+                       reports_dir=tmp_path / "reports")
     assert checked.success, checked.summary()
     with monkeypatch.context() as patched:
         no_decoding(patched)
@@ -248,7 +250,7 @@ def test_other_resize_than_validated_is_refused(dataset: Path) -> None:
 
 def test_result_metrics(dataset: Path) -> None:
     p = PrepareParams(val_fraction=0.25, label_fraction=0.2)
-    result = prepare(p, IMAGES, 0, raw_dir=dataset / "raw",
+    result = prepare(p, images=IMAGES, seed=0, raw_dir=dataset / "raw",
                      manifest_path=dataset / "manifest.parquet", out_dir=dataset / "out")
     metrics = result.metrics()
     assert metrics["train_images"] == 45 and metrics["val_images"] == 15
@@ -286,7 +288,7 @@ def test_same_pixels_in_other_raw_bytes_are_accepted(dataset: Path) -> None:
     with Image.open(target) as image:
         image.load()
         image.save(target, format="PNG", compress_level=1)  # other bytes, same pixels
-    result = prepare(PrepareParams(val_fraction=0.25, label_fraction=0.2), IMAGES, 0,
+    result = prepare(PrepareParams(val_fraction=0.25, label_fraction=0.2), images=IMAGES, seed=0,
                      raw_dir=dataset / "raw", manifest_path=dataset / "manifest.parquet",
                      out_dir=dataset / "b")
     assert result.decoded
@@ -343,12 +345,13 @@ def test_shared_cifar10_validates_and_prepares(tmp_path: Path, shared_cifar: Pat
     from refinery.stages.validate import validate
 
     download(DownloadParams(source="image-folder", url=str(shared_cifar)),
-             tmp_path / "raw", tmp_path / "downloads", seed=0)
+             out_dir=tmp_path / "raw", cache_dir=tmp_path / "downloads", seed=0)
     images = ImageParams(side=32, channels=3)
     checked = validate(ValidateParams(rows={"train": (45000, 55000), "test": (9000, 11000)},
                                       min_class_fraction=0.08),
-                       images, tmp_path / "raw", tmp_path / "manifest.parquet",
-                       tmp_path / "reports")
+                       images=images, raw_dir=tmp_path / "raw",
+                       manifest_path=tmp_path / "manifest.parquet",
+                       reports_dir=tmp_path / "reports")
     assert checked.success, checked.summary()
     metrics = checked.metrics()
     assert (metrics["rows_train"], metrics["rows_test"]) == (50000, 10000)

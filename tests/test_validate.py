@@ -37,7 +37,7 @@ def vparams(**changes: object) -> ValidateParams:
 
 def run(tmp_path: Path, p: ValidateParams | None = None,
         images: ImageParams = IMAGES) -> ValidationResult:
-    return validate(p or vparams(), images, raw_dir=tmp_path / "raw",
+    return validate(p or vparams(), images=images, raw_dir=tmp_path / "raw",
                     manifest_path=tmp_path / "manifest.parquet",
                     reports_dir=tmp_path / "reports")
 

@@ -67,10 +67,10 @@ def build_data(root: Path, params: Params) -> None:
     try:
         download(params.download, out_dir=paths.RAW, cache_dir=paths.DOWNLOAD_CACHE,
                  seed=params.seed)
-        validate(params.validate_params, params.images, raw_dir=paths.RAW,
+        validate(params.validate_params, images=params.images, raw_dir=paths.RAW,
                  manifest_path=paths.MANIFEST,
                  reports_dir=paths.reports_dir("validate")).raise_if_failed()
-        prepare(params.prepare, params.images, seed=params.seed, raw_dir=paths.RAW,
+        prepare(params.prepare, images=params.images, seed=params.seed, raw_dir=paths.RAW,
                 manifest_path=paths.MANIFEST, out_dir=paths.PREPARED)
         augment(params.augment, prepared_dir=paths.PREPARED, out_dir=paths.AUGMENT,
                 seed=params.seed)

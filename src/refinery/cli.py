@@ -97,8 +97,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _check_params(path: Path, params: object) -> int:
     from refinery import paths
-    from refinery.plan import check_prepared
+    from refinery.plan import check_prepared, static_problems
 
+    problems = static_problems(params)  # type: ignore[arg-type]
+    if problems:
+        raise ParamsError(f"{path} cannot work:\n  " + "\n  ".join(problems))
     plan = check_prepared(params, paths.PREPARED)  # type: ignore[arg-type]
     print(f"{path}: ok")
     if plan is None:

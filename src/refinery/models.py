@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
@@ -21,7 +22,27 @@ from torch import nn
 
 from refinery import fsutil
 
-TEACHER_ARCHS = ("resnet18", "resnet34", "resnet50")
+Backbone = Callable[["ModelConfig"], tuple[nn.Module, int]]  # config -> (module, feature dim)
+_BACKBONES: dict[str, Backbone] = {}
+
+
+def register_model(name: str) -> Callable[[Backbone], Backbone]:
+    """Register a backbone builder under ``name`` (a ``model.*.arch`` value).
+
+    The registry is the one list of architectures: params are checked against
+    it (:mod:`refinery.plan`) and :func:`build_model` builds from it.
+    """
+    def register(builder: Backbone) -> Backbone:
+        if name in _BACKBONES:
+            raise ValueError(f"model {name!r} is registered twice")
+        _BACKBONES[name] = builder
+        return builder
+    return register
+
+
+def available() -> list[str]:
+    """The registered architecture names."""
+    return list(_BACKBONES)
 
 
 @dataclass(frozen=True)
@@ -132,10 +153,9 @@ def _crop_convolutions(module: nn.Module) -> None:
 
 
 def _resnet_backbone(config: ModelConfig) -> tuple[nn.Module, int]:
+    """A torchvision ResNet (``config.arch``), its stem fitted to the image side."""
     import torchvision
 
-    if config.arch not in TEACHER_ARCHS:
-        raise ValueError(f"unknown teacher arch {config.arch!r}; expected one of {TEACHER_ARCHS}")
     net = getattr(torchvision.models, config.arch)(weights=None)
     if config.resolved_stem == "small":
         # CIFAR-style stem: a 7x7/2 conv and a max-pool would shrink 32x32 to 8x8 at once.
@@ -195,11 +215,21 @@ class StudentBackbone(nn.Module):
         return torch.flatten(self.pool(self.blocks(self.stem(x))), 1)
 
 
+for _name in ("resnet18", "resnet34", "resnet50"):
+    register_model(_name)(_resnet_backbone)
+
+
+@register_model("student")
+def _student_backbone(config: ModelConfig) -> tuple[nn.Module, int]:
+    backbone = StudentBackbone(config.in_channels, config.width, config.depth)
+    return backbone, backbone.out_dim
+
+
 def build_model(config: ModelConfig) -> ImageClassifier:
-    if config.arch == "student":
-        backbone = StudentBackbone(config.in_channels, config.width, config.depth)
-        return ImageClassifier(backbone, backbone.out_dim, config)
-    backbone, dim = _resnet_backbone(config)
+    """The registered architecture ``config.arch``, with its normalization and head."""
+    if config.arch not in _BACKBONES:
+        raise ValueError(f"unknown model arch {config.arch!r}; expected one of {available()}")
+    backbone, dim = _BACKBONES[config.arch](config)
     return ImageClassifier(backbone, dim, config)
 
 

@@ -130,8 +130,8 @@ class ImageParams(Section):
 
 
 class RowBounds(Section):
-    train: tuple[int, int] = (100, 10_000_000)
-    test: tuple[int, int] = (10, 10_000_000)
+    train: tuple[int, int] = (1000, 10_000_000)
+    test: tuple[int, int] = (200, 10_000_000)
 
     @field_validator("train", "test")
     @classmethod
@@ -147,7 +147,7 @@ class ValidateParams(Section):
     )
     rows: RowBounds = RowBounds()
     min_class_fraction: Probability = Field(
-        0.02, description="every class is at least this share of its split"
+        0.05, description="every class is at least this share of its split"
     )
     pixel_mean: tuple[float, float] = Field((2.0, 253.0), description="per-image mean, 0..255")
     min_pixel_std: float = Field(1.0, ge=0, description="per-image std below this is blank")
@@ -239,7 +239,8 @@ class AugmentParams(Section):
 
 
 class TeacherParams(Section):
-    arch: Literal["resnet18", "resnet34", "resnet50"] = "resnet18"
+    arch: str = Field("resnet18", min_length=1, description="a registered model "
+                      "(refinery.models.available(); checked with the training plan)")
     stem: Literal["auto", "small", "imagenet"] = Field(
         "auto", description="small: 3x3 stride-1 stem for small images; auto picks by image size"
     )
@@ -247,7 +248,7 @@ class TeacherParams(Section):
 
 class StudentParams(Section):
     width: int = Field(32, ge=4, le=512, description="channels of the first stage")
-    depth: tuple[int, ...] = Field((1, 1, 1), description="residual blocks per stage")
+    depth: tuple[int, ...] = Field((2, 2, 2), description="residual blocks per stage")
 
     @field_validator("depth")
     @classmethod
@@ -300,13 +301,13 @@ class PretrainParams(Section):
     projection_dim: int = Field(128, ge=8, le=4096)
     projection_hidden: int = Field(512, ge=8, le=8192)
     knn_k: int = Field(20, ge=1, le=1000)
-    knn_every: int = Field(5, ge=1, description="kNN monitor every N epochs (and the last)")
+    knn_every: int = Field(4, ge=1, description="kNN monitor every N epochs (and the last)")
 
 
 class FinetuneParams(Section):
     mode: Literal["full", "linear"] = "full"
     epochs: int = Field(30, ge=1, le=10_000)
-    batch_size: int = Field(64, ge=1, le=65_536)
+    batch_size: int = Field(32, ge=1, le=65_536)
     accumulate: int = Field(1, ge=1, le=1024)
     min_steps: int = Field(
         0, ge=0, le=10_000_000,
@@ -320,7 +321,7 @@ class FinetuneParams(Section):
 
 
 class DistillParams(Section):
-    epochs: int = Field(30, ge=1, le=10_000)
+    epochs: int = Field(20, ge=1, le=10_000)
     batch_size: int = Field(128, ge=1, le=65_536)
     accumulate: int = Field(1, ge=1, le=1024)
     min_steps: int = Field(

@@ -56,6 +56,18 @@ def training_samples(params: Params, meta: Mapping[str, Any]) -> dict[str, int]:
             "distill": train if params.distill.use_unlabeled else labeled}
 
 
+def static_problems(params: Params) -> list[str]:
+    """What is wrong whatever the data (``check-params`` reports these before ``prepare``)."""
+    from refinery import models
+
+    problems = []
+    arch = params.model.teacher.arch
+    if arch not in models.available():
+        problems.append(f"model.teacher.arch: unknown model {arch!r}; expected one of "
+                        f"{models.available()}")
+    return problems
+
+
 def check_plan(params: Params, meta: Mapping[str, Any], world_size: int = 1) -> Plan:
     """The whole plan for ``params`` on data described by ``meta``; raise if any part fails."""
     from refinery.stages.augment import resolve as resolve_policies
@@ -73,6 +85,7 @@ def check_plan(params: Params, meta: Mapping[str, Any], world_size: int = 1) -> 
     except ParamsError as exc:
         problems.append(str(exc).replace("augment params cannot work on the prepared images:\n"
                                          "  ", ""))
+    problems.extend(static_problems(params))
     if params.finetune.mode == "linear":
         problems.append("finetune.mode: linear probes the pretrained backbone, but the "
                         "finetune_scratch baseline trains the same params from random weights, "

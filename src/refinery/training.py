@@ -12,10 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from refinery import fsutil, models
+from refinery import fsutil, models, paths
 from refinery.engine.checkpoint import Checkpointer
 from refinery.engine.data import DeviceData, to_float
 from refinery.engine.runtime import Runtime
+from refinery.formats.policies import POLICIES_FILE
 
 EVAL_BATCH = 1024
 
@@ -110,19 +111,37 @@ class TrainResult:
         return dict(self.metrics_)
 
 
-def finish_training(rt: Runtime, ckpt: Checkpointer, model: nn.Module, out_dir: Path,
-                    extra: dict, history: list[dict[str, float]], plots_csv: Path,
-                    curves_png: Path, curves: dict[str, Sequence[str]], title: str,
-                    metrics: dict[str, float], warnings: Sequence[str] = ()) -> TrainResult:
+@dataclass(frozen=True)
+class TrainingFiles:
+    """Where a training stage reads and writes; :meth:`for_stage` is the pipeline's layout."""
+
+    out_dir: Path  # the trained model (model.pt + config.json)
+    checkpoint_dir: Path
+    plots_csv: Path  # per-epoch curves for dvc plots
+    curves_png: Path
+    prepared_dir: Path = paths.PREPARED
+    policies: Path = paths.AUGMENT / POLICIES_FILE
+
+    @classmethod
+    def for_stage(cls, stage: str, out_dir: Path) -> TrainingFiles:
+        return cls(out_dir=out_dir, checkpoint_dir=paths.CHECKPOINTS / stage,
+                   plots_csv=paths.PLOTS / f"{stage}.csv",
+                   curves_png=paths.reports_dir(stage) / "curves.png")
+
+
+def finish_training(rt: Runtime, ckpt: Checkpointer, model: nn.Module, *, files: TrainingFiles,
+                    extra: dict, history: list[dict[str, float]],
+                    curves: dict[str, Sequence[str]], title: str, metrics: dict[str, float],
+                    warnings: Sequence[str] = ()) -> TrainResult:
     """Rank 0 writes the model, the curves (CSV for DVC, PNG); then the checkpoint goes.
 
     The checkpoint is removed only after the outputs exist, so a crash while
     writing them resumes from the end of training instead of starting over.
     """
     if rt.is_main:
-        models.save_model(model, out_dir, extra=extra)  # no metrics: timings differ per run
-        write_history_csv(history, plots_csv)
-        plot_history(history, curves, curves_png, title)
+        models.save_model(model, files.out_dir, extra=extra)  # no metrics: timings differ
+        write_history_csv(history, files.plots_csv)
+        plot_history(history, curves, files.curves_png, title)
     rt.barrier()
     if rt.is_main:
         ckpt.clear()

@@ -151,7 +151,7 @@ def _throughput(fn: Any, count: int, repeats: int = 3) -> float:
     return count / best
 
 
-def augment(p: AugmentParams, prepared_dir: Path, out_dir: Path, seed: int) -> AugmentResult:
+def augment(p: AugmentParams, *, prepared_dir: Path, out_dir: Path, seed: int) -> AugmentResult:
     """Resolve, check and save the policies, and render the preview grid."""
     start = time.perf_counter()
     prepared_dir, out_dir = Path(prepared_dir), Path(out_dir)

@@ -42,7 +42,7 @@ from refinery.formats.prepared import load_prepared
 from refinery.params import DistillParams, EngineParams, ModelParams, Params
 from refinery.pipeline import stage_named
 from refinery.scoring import accuracy
-from refinery.training import TrainResult, finish_training, run_model
+from refinery.training import TrainingFiles, TrainResult, finish_training, run_model
 
 log = logging.getLogger(__name__)
 
@@ -106,20 +106,19 @@ class DistillTask:
 
 
 
-def distill(p: DistillParams, model_p: ModelParams, engine_p: EngineParams, seed: int,
-            prepared_dir: Path, policies_path: Path, teacher_dir: Path, out_dir: Path,
-            checkpoint_dir: Path, plots_csv: Path, curves_png: Path,
+def distill(p: DistillParams, *, model_p: ModelParams, engine_p: EngineParams, seed: int,
+            teacher_dir: Path, files: TrainingFiles,
             sink: MetricSink | None = None) -> TrainResult:
-    """Distill ``teacher_dir``'s model into a student; write it to ``out_dir``."""
+    """Distill ``teacher_dir``'s model into a student; write it to ``files.out_dir``."""
     rt = make_runtime(engine_p, seed)
-    data = load_prepared(prepared_dir, splits=("train", "val"))
+    data = load_prepared(files.prepared_dir, splits=("train", "val"))
     if not (teacher_dir / "model.pt").exists():
         raise RefineryError(f"distill needs the fine-tuned teacher in {teacher_dir}")
     teacher = models.load_model(teacher_dir)
     if teacher.config.classes != tuple(data.classes):
         raise RefineryError("the teacher was trained on other classes than the prepared data; "
                             "rerun finetune")
-    supervised, _ = load_policies(policies_path)
+    supervised, _ = load_policies(files.policies)
     student = models.build_model(models.ModelConfig(
         arch="student", in_channels=data.channels, image_size=data.size,
         num_classes=data.num_classes, classes=tuple(data.classes), mean=tuple(data.mean),
@@ -137,11 +136,11 @@ def distill(p: DistillParams, model_p: ModelParams, engine_p: EngineParams, seed
     spec = TrainSpec(stage="distill", schedule=schedule, seed=seed, eval_every=p.eval_every,
                      log_every=engine_p.log_every_steps,
                      checkpoint_every=engine_p.checkpoint_every_steps)
-    ckpt = Checkpointer(checkpoint_dir, fingerprint(
+    ckpt = Checkpointer(files.checkpoint_dir, fingerprint(
         "distill", {"distill": p.model_dump(), "student": model_p.student.model_dump(),
                     "seed": seed, "world": rt.world_size},
-        [prepared_dir / "meta.json", prepared_dir / "train.pt", prepared_dir / "labeled.pt",
-         policies_path, teacher_dir / "model.pt"]))
+        [files.prepared_dir / "meta.json", files.prepared_dir / "train.pt",
+         files.prepared_dir / "labeled.pt", files.policies, teacher_dir / "model.pt"]))
     outcome = Trainer(rt, task, spec, ckpt, sink).fit()
     final = outcome.final
     teacher_val = accuracy(run_model(task.teacher, DeviceData(data.val.images, None, rt), rt),
@@ -162,10 +161,10 @@ def distill(p: DistillParams, model_p: ModelParams, engine_p: EngineParams, seed
         "tracking_seconds": outcome.tracking_seconds,
     }
     return finish_training(
-        rt, ckpt, task.model, out_dir, {"stage": "distill"}, outcome.history, plots_csv,
-        curves_png, {"loss": ["train_loss", "train_kd", "val_loss"], "accuracy": ["val_acc"],
-                     "learning rate": ["lr"]}, "distillation", metrics,
-        warnings=schedule.warnings)
+        rt, ckpt, task.model, files=files, extra={"stage": "distill"}, history=outcome.history,
+        curves={"loss": ["train_loss", "train_kd", "val_loss"], "accuracy": ["val_acc"],
+                "learning rate": ["lr"]},
+        title="distillation", metrics=metrics, warnings=schedule.warnings)
 
 
 def main(params: Params, args: argparse.Namespace) -> None:
@@ -173,13 +172,8 @@ def main(params: Params, args: argparse.Namespace) -> None:
     declared = stage_named("distill")
     with stage.tracked(declared, params) as run:
         stage.check_plan(params)
-        result = distill(
-            params.distill, params.model, params.engine, params.seed,
-            prepared_dir=paths.PREPARED, policies_path=paths.AUGMENT / "policies.json",
-            teacher_dir=paths.TEACHER, out_dir=paths.STUDENT,
-            checkpoint_dir=paths.CHECKPOINTS / declared.name,
-            plots_csv=paths.PLOTS / "distill.csv", curves_png=declared.reports / "curves.png",
-            sink=run,
-        )
+        result = distill(params.distill, model_p=params.model, engine_p=params.engine,
+                         seed=params.seed, teacher_dir=paths.TEACHER, sink=run,
+                         files=TrainingFiles.for_stage(declared.name, paths.STUDENT))
         stage.finish(declared, run, result.metrics(), warnings=result.warnings,
                      artifacts=[declared.reports / "curves.png", paths.STUDENT / "config.json"])

@@ -37,7 +37,7 @@ from refinery.formats.prepared import PreparedData, load_prepared
 from refinery.params import EngineParams, FinetuneParams, ModelParams, Params
 from refinery.pipeline import stage_named
 from refinery.scoring import accuracy
-from refinery.training import TrainResult, finish_training, run_model
+from refinery.training import TrainingFiles, TrainResult, finish_training, run_model
 
 log = logging.getLogger(__name__)
 
@@ -113,19 +113,18 @@ def build_classifier(data: PreparedData, model_p: ModelParams, init: Init,
     return model
 
 
-def finetune(p: FinetuneParams, model_p: ModelParams, engine_p: EngineParams, seed: int,
-             init: Init, prepared_dir: Path, policies_path: Path, pretrained_dir: Path | None,
-             out_dir: Path, checkpoint_dir: Path, plots_csv: Path, curves_png: Path,
+def finetune(p: FinetuneParams, *, model_p: ModelParams, engine_p: EngineParams, seed: int,
+             init: Init, files: TrainingFiles, pretrained_dir: Path | None = None,
              sink: MetricSink | None = None, monitor_test: bool = False) -> TrainResult:
-    """Train a classifier on the labeled subset; write it to ``out_dir``.
+    """Train a classifier on the labeled subset; write it to ``files.out_dir``.
 
     ``monitor_test`` also scores the test split every evaluation (benchmarks use it
     for time-to-accuracy; the pipeline leaves the test split to ``evaluate``).
     """
     rt = make_runtime(engine_p, seed)
-    data = load_prepared(prepared_dir, splits=("train", "val", "test") if monitor_test
+    data = load_prepared(files.prepared_dir, splits=("train", "val", "test") if monitor_test
                          else ("train", "val"))
-    supervised, _ = load_policies(policies_path)
+    supervised, _ = load_policies(files.policies)
     model = build_classifier(data, model_p, init, pretrained_dir)
     linear = p.mode == "linear"
     if linear:
@@ -151,11 +150,11 @@ def finetune(p: FinetuneParams, model_p: ModelParams, engine_p: EngineParams, se
     spec = TrainSpec(stage=stage, schedule=schedule, seed=seed,
                      eval_every=p.eval_every, log_every=engine_p.log_every_steps,
                      checkpoint_every=engine_p.checkpoint_every_steps, group_lr_scales=scales)
-    inputs = [prepared_dir / "meta.json", prepared_dir / "train.pt", prepared_dir / "labeled.pt",
-              policies_path]
+    inputs = [files.prepared_dir / "meta.json", files.prepared_dir / "train.pt",
+              files.prepared_dir / "labeled.pt", files.policies]
     if init == "pretrained" and pretrained_dir is not None:
         inputs.append(pretrained_dir / "model.pt")
-    ckpt = Checkpointer(checkpoint_dir, fingerprint(
+    ckpt = Checkpointer(files.checkpoint_dir, fingerprint(
         stage, {"finetune": p.model_dump(), "model": model_p.model_dump(), "seed": seed,
                 "init": init, "world": rt.world_size, "monitor_test": monitor_test}, inputs))
     outcome = Trainer(rt, task, spec, ckpt, sink).fit()
@@ -175,11 +174,11 @@ def finetune(p: FinetuneParams, model_p: ModelParams, engine_p: EngineParams, se
     if monitor_test:
         metrics["test_acc"] = final.get("test_acc", float("nan"))
     return finish_training(
-        rt, ckpt, task.model, out_dir, {"stage": stage, "init": init}, outcome.history,
-        plots_csv, curves_png, {"loss": ["train_loss", "val_loss"],
-                                "accuracy": ["train_acc", "val_acc", "test_acc"],
-                                "learning rate": ["lr"]}, f"fine-tuning ({init})", metrics,
-        warnings=schedule.warnings)
+        rt, ckpt, task.model, files=files, extra={"stage": stage, "init": init},
+        history=outcome.history,
+        curves={"loss": ["train_loss", "val_loss"],
+                "accuracy": ["train_acc", "val_acc", "test_acc"], "learning rate": ["lr"]},
+        title=f"fine-tuning ({init})", metrics=metrics, warnings=schedule.warnings)
 
 
 def main(params: Params, args: argparse.Namespace) -> None:
@@ -190,13 +189,9 @@ def main(params: Params, args: argparse.Namespace) -> None:
     out = paths.TEACHER if init == "pretrained" else paths.SCRATCH
     with stage.tracked(declared, params) as run:
         stage.check_plan(params)
-        result = finetune(
-            params.finetune, params.model, params.engine, params.seed, init=init,
-            prepared_dir=paths.PREPARED, policies_path=paths.AUGMENT / "policies.json",
-            pretrained_dir=paths.PRETRAINED if init == "pretrained" else None,
-            out_dir=out, checkpoint_dir=paths.CHECKPOINTS / declared.name,
-            plots_csv=paths.PLOTS / f"{declared.name}.csv",
-            curves_png=declared.reports / "curves.png", sink=run,
-        )
+        result = finetune(params.finetune, model_p=params.model, engine_p=params.engine,
+                          seed=params.seed, init=init, sink=run,
+                          pretrained_dir=paths.PRETRAINED if init == "pretrained" else None,
+                          files=TrainingFiles.for_stage(declared.name, out))
         stage.finish(declared, run, result.metrics(), warnings=result.warnings,
                      artifacts=[declared.reports / "curves.png", out / "config.json"])

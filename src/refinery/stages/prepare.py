@@ -229,7 +229,7 @@ def _as_split(images: np.ndarray, labels: np.ndarray, ids: list[str]) -> Any:
                  ids=ids)
 
 
-def prepare(p: PrepareParams, images: ImageParams, seed: int, raw_dir: Path,
+def prepare(p: PrepareParams, *, images: ImageParams, seed: int, raw_dir: Path,
             manifest_path: Path, out_dir: Path, workers: int | None = None,
             pixels_path: Path | None = None,
             check: Callable[[dict[str, Any]], object] | None = None) -> PrepareResult:
@@ -325,7 +325,7 @@ def main(params: Params, args: argparse.Namespace) -> None:
     training plan is checked against the new data before anything is written."""
     declared = stage_named("prepare")
     with stage.tracked(declared, params) as run:
-        result = prepare(params.prepare, params.images, seed=params.seed, raw_dir=paths.RAW,
+        result = prepare(params.prepare, images=params.images, seed=params.seed, raw_dir=paths.RAW,
                          manifest_path=paths.MANIFEST, out_dir=paths.PREPARED,
                          pixels_path=paths.PIXELS,
                          check=lambda meta: stage.check_plan(params, run, meta))

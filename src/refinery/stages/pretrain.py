@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +34,7 @@ from refinery.formats.prepared import load_prepared
 from refinery.params import EngineParams, ModelParams, Params, PretrainParams
 from refinery.pipeline import stage_named
 from refinery.training import (
+    TrainingFiles,
     TrainResult,
     finish_training,
     knn_accuracy,
@@ -128,14 +128,12 @@ class PretrainTask:
 
 
 
-def pretrain(p: PretrainParams, model_p: ModelParams, engine_p: EngineParams, seed: int,
-             prepared_dir: Path, policies_path: Path, out_dir: Path, checkpoint_dir: Path,
-             plots_csv: Path, curves_png: Path, sink: MetricSink | None = None,
-             ) -> TrainResult:
-    """Train the teacher backbone with SimCLR; write it to ``out_dir``."""
+def pretrain(p: PretrainParams, *, model_p: ModelParams, engine_p: EngineParams, seed: int,
+             files: TrainingFiles, sink: MetricSink | None = None) -> TrainResult:
+    """Train the teacher backbone with SimCLR; write it to ``files.out_dir``."""
     rt = make_runtime(engine_p, seed)
-    data = load_prepared(prepared_dir, splits=("train", "val"))
-    _, ssl_policy = load_policies(policies_path)
+    data = load_prepared(files.prepared_dir, splits=("train", "val"))
+    _, ssl_policy = load_policies(files.policies)
     config = models.ModelConfig(
         arch=model_p.teacher.arch, stem=model_p.teacher.stem, in_channels=data.channels,
         image_size=data.size, num_classes=0, mean=tuple(data.mean), std=tuple(data.std))
@@ -158,10 +156,10 @@ def pretrain(p: PretrainParams, model_p: ModelParams, engine_p: EngineParams, se
     spec = TrainSpec(stage="pretrain", schedule=schedule, seed=seed, eval_every=p.knn_every,
                      log_every=engine_p.log_every_steps,
                      checkpoint_every=engine_p.checkpoint_every_steps)
-    ckpt = Checkpointer(checkpoint_dir, fingerprint(
+    ckpt = Checkpointer(files.checkpoint_dir, fingerprint(
         "pretrain", {"pretrain": p.model_dump(), "model": model_p.model_dump(), "seed": seed,
                      "world": rt.world_size},
-        [prepared_dir / "meta.json", prepared_dir / "train.pt", policies_path]))
+        [files.prepared_dir / "meta.json", files.prepared_dir / "train.pt", files.policies]))
     outcome = Trainer(rt, task, spec, ckpt, sink).fit()
     final = outcome.final
     metrics = {
@@ -175,10 +173,11 @@ def pretrain(p: PretrainParams, model_p: ModelParams, engine_p: EngineParams, se
         "tracking_seconds": outcome.tracking_seconds,
     }
     return finish_training(
-        rt, ckpt, task.model.encoder, out_dir, {"stage": "pretrain"}, outcome.history, plots_csv,
-        curves_png, {"loss": ["train_loss"], "accuracy": ["knn_acc", "train_contrastive_acc"],
-                     "learning rate": ["lr"]}, "SimCLR pretraining", metrics,
-        warnings=schedule.warnings)
+        rt, ckpt, task.model.encoder, files=files, extra={"stage": "pretrain"},
+        history=outcome.history,
+        curves={"loss": ["train_loss"], "accuracy": ["knn_acc", "train_contrastive_acc"],
+                "learning rate": ["lr"]},
+        title="SimCLR pretraining", metrics=metrics, warnings=schedule.warnings)
 
 
 def main(params: Params, args: argparse.Namespace) -> None:
@@ -186,12 +185,9 @@ def main(params: Params, args: argparse.Namespace) -> None:
     declared = stage_named("pretrain")
     with stage.tracked(declared, params) as run:
         stage.check_plan(params)
-        result = pretrain(
-            params.pretrain, params.model, params.engine, params.seed,
-            prepared_dir=paths.PREPARED, policies_path=paths.AUGMENT / "policies.json",
-            out_dir=paths.PRETRAINED, checkpoint_dir=paths.CHECKPOINTS / declared.name,
-            plots_csv=paths.PLOTS / "pretrain.csv", curves_png=declared.reports / "curves.png",
-            sink=run,
-        )
+        result = pretrain(params.pretrain, model_p=params.model, engine_p=params.engine,
+                          seed=params.seed, sink=run,
+                          files=TrainingFiles.for_stage(declared.name, paths.PRETRAINED))
         stage.finish(declared, run, result.metrics(), warnings=result.warnings,
-                     artifacts=[declared.reports / "curves.png", paths.PRETRAINED / "config.json"])
+                     artifacts=[declared.reports / "curves.png",
+                                paths.PRETRAINED / "config.json"])

@@ -312,8 +312,8 @@ def _accuracy(predict: Callable[[torch.Tensor], torch.Tensor], images: torch.Ten
     return scoring.accuracy(scoring.predict_logits(predict, images.cpu(), batch_size), labels)
 
 
-def quantize(p: QuantizeParams, seed: int, prepared_dir: Path, student_dir: Path,
-                     out_dir: Path) -> QuantizeResult:
+def quantize(p: QuantizeParams, *, seed: int, prepared_dir: Path, student_dir: Path,
+             out_dir: Path) -> QuantizeResult:
     """The ``quantize`` stage: PTQ of the distilled student, QAT when PTQ loses too much.
 
     Accuracy is measured on the validation split with the eager q/dq graph
@@ -366,7 +366,7 @@ def main(params: Params, args: argparse.Namespace) -> None:
     """The adapter (:mod:`refinery.stage`): ``python -m refinery quantize``."""
     declared = stage_named("quantize")
     with stage.tracked(declared, params) as run:
-        result = quantize(params.quantize, params.seed, prepared_dir=paths.PREPARED,
+        result = quantize(params.quantize, seed=params.seed, prepared_dir=paths.PREPARED,
                           student_dir=paths.STUDENT, out_dir=paths.STUDENT_INT8)
         stage.finish(declared, run, result.metrics(),
                      artifacts=[paths.STUDENT_INT8 / "meta.json"])

@@ -89,7 +89,7 @@ def _cifar10_binary(path: Path, tmp: Path,
     return data, stats
 
 
-def download(p: DownloadParams, out_dir: Path, cache_dir: Path, seed: int) -> DownloadResult:
+def download(p: DownloadParams, *, out_dir: Path, cache_dir: Path, seed: int) -> DownloadResult:
     """Fetch ``p``'s source and write it to ``out_dir`` in the raw layout (see ``raw.py``)."""
     started = time.perf_counter()
     out_dir, cache_dir = Path(out_dir), Path(cache_dir)

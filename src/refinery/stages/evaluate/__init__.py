@@ -116,7 +116,7 @@ def write_prediction_plots(name: str, logits: torch.Tensor, labels: torch.Tensor
     return fsutil.write_text(plots_dir / f"confusion_{name}.csv", buffer.getvalue())
 
 
-def evaluate(p: EvaluateParams, seed: int, prepared_dir: Path, model_dirs: dict[str, Path],
+def evaluate(p: EvaluateParams, *, seed: int, prepared_dir: Path, model_dirs: dict[str, Path],
              int8_path: Path, out_dir: Path, plots_dir: Path) -> EvaluateResult:
     """Score every model on the test split; write per-model reports and the comparison."""
     from refinery.stages.evaluate.report import predict_logits
@@ -199,7 +199,7 @@ def main(params: Params, args: argparse.Namespace) -> None:
     int8 = paths.STUDENT_INT8 / "model.pt2"
     with stage.tracked(declared, params) as run:
         result = evaluate(
-            params.evaluate, params.seed, prepared_dir=paths.PREPARED,
+            params.evaluate, seed=params.seed, prepared_dir=paths.PREPARED,
             model_dirs={"scratch": paths.SCRATCH, "teacher": paths.TEACHER,
                         "student": paths.STUDENT},
             int8_path=int8, out_dir=declared.reports, plots_dir=paths.PLOTS / "evaluate")

@@ -125,7 +125,7 @@ def _drop_undecodable(manifest: pd.DataFrame, p: ValidateParams,
     return manifest[manifest["decodable"]].reset_index(drop=True), len(bad), examples
 
 
-def validate(p: ValidateParams, images: ImageParams, raw_dir: Path, manifest_path: Path,
+def validate(p: ValidateParams, *, images: ImageParams, raw_dir: Path, manifest_path: Path,
              reports_dir: Path, pixels_path: Path | None = None) -> ValidationResult:
     """Build the manifest of ``raw_dir``, validate it, write reports (and the manifest if ok).
 
@@ -250,7 +250,7 @@ def main(params: Params, args: argparse.Namespace) -> None:
     """The adapter (:mod:`refinery.stage`): ``python -m refinery validate``."""
     declared = stage_named("validate")
     with stage.tracked(declared, params) as run:
-        result = validate(params.validate_params, params.images, raw_dir=paths.RAW,
+        result = validate(params.validate_params, images=params.images, raw_dir=paths.RAW,
                           manifest_path=paths.MANIFEST, reports_dir=declared.reports,
                           pixels_path=paths.PIXELS)
         run.log_artifacts(declared.reports, "validation")
