@@ -24,14 +24,7 @@ import yaml
 from common import REPO, cifar_overrides, machine, make_workspace, read_json, run_stage
 
 from refinery import paths
-
-STAGES = [("download",), ("validate",), ("prepare",), ("augment",), ("pretrain",),
-          ("finetune", "--init", "pretrained"), ("finetune", "--init", "scratch"),
-          ("distill",), ("quantize",), ("evaluate",)]
-
-
-def stage_name(args: tuple[str, ...]) -> str:
-    return "finetune_scratch" if args[-1] == "scratch" else args[0]
+from refinery.pipeline import STAGES
 
 
 def targets(root: Path) -> list[str]:
@@ -85,13 +78,13 @@ def main() -> None:
     overrides.update(parse_assignments(args.set))
     make_workspace(root, overrides)
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{root.resolve() / 'mlflow.db'}"}
-    names = [stage_name(s) for s in STAGES]
+    names = [stage.name for stage in STAGES]
     selected = STAGES[names.index(args.first):names.index(args.last) + 1]
     timings: dict[str, float] = {}
     started = time.perf_counter()
     for stage in selected:
-        timings[stage_name(stage)] = run_stage(root, *stage, env=env)
-        print(f"[{stage_name(stage)}] {timings[stage_name(stage)]:.1f} s", flush=True)
+        timings[stage.name] = run_stage(root, stage.cli, *stage.cli_args, env=env)
+        print(f"[{stage.name}] {timings[stage.name]:.1f} s", flush=True)
     total = time.perf_counter() - started
 
     print(f"\nmachine: {machine()}")

@@ -149,34 +149,18 @@ class Trainer:
         self.sink.log_metrics(metrics, step=step)
         self.tracking_seconds += time.perf_counter() - start
 
-    def _state(self, epoch: int, step_in_epoch: int, global_step: int,
-               sums: dict[str, torch.Tensor], history: list[dict[str, float]],
-               train_seconds: float) -> dict[str, Any]:
-        state: dict[str, Any] = {
-            "model": {k: v.detach().cpu() for k, v in self.raw.state_dict().items()},
-            "optimizer": self.optimizer.state_dict(),
-            "epoch": epoch,
-            "step_in_epoch": step_in_epoch,
-            "global_step": global_step,
-            "generator": self.generator.get_state(),
-            "cpu_rng": torch.get_rng_state(),
-            "sums": {k: v.detach().cpu() for k, v in sums.items()},
-            "history": history,
-            "train_seconds": train_seconds,
-        }
-        if self.rt.device.type == "cuda":
-            state["cuda_rng"] = torch.cuda.get_rng_state(self.rt.device)
-        return state
-
-    def _save(self, *args: Any) -> None:
+    # -------------------------------------------------------------- checkpoints
+    def _checkpoint(self, progress_: Progress) -> None:
+        """Save where the loop is (rank 0 writes; every rank waits for it)."""
         if self.rt.is_main:
-            self.ckpt.save(self._state(*args))
+            self.ckpt.save(progress_.state(self))
         self.rt.barrier()
 
-    def _restore(self) -> dict[str, Any] | None:
+    def _resume(self) -> Progress:
+        """The loop's position: from this run's last checkpoint, or the start."""
         state = self.ckpt.load()
         if state is None:
-            return None
+            return Progress()
         self.raw.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["generator"])
@@ -185,7 +169,10 @@ class Trainer:
             torch.cuda.set_rng_state(state["cuda_rng"], self.rt.device)
         log.info("%s: resuming from checkpoint at epoch %d, step %d", self.spec.stage,
                  state["epoch"], state["step_in_epoch"])
-        return state
+        return Progress(epoch=state["epoch"], step=state["step_in_epoch"],
+                        global_step=state["global_step"], history=list(state["history"]),
+                        train_seconds=state["train_seconds"],
+                        sums={k: v.to(self.rt.device) for k, v in state["sums"].items()})
 
     def _reduce_mean(self, sums: dict[str, torch.Tensor], count: int) -> dict[str, float]:
         if not sums:
@@ -199,104 +186,111 @@ class Trainer:
 
     # --------------------------------------------------------------------- loop
     def fit(self) -> TrainOutcome:
-        spec, rt, plan = self.spec, self.rt, self.plan
+        """Train every remaining epoch (resuming a checkpoint of this run), then report."""
         started = time.perf_counter()
-        history: list[dict[str, float]] = []
-        sums: dict[str, torch.Tensor] = {}
-        start_epoch, start_step, global_step, train_seconds = 0, 0, 0, 0.0
-        state = self._restore()
-        resumed_at = 0
-        if state is not None:
-            start_epoch, start_step = state["epoch"], state["step_in_epoch"]
-            global_step, train_seconds = state["global_step"], state["train_seconds"]
-            history = list(state["history"])
-            sums = {k: v.to(rt.device) for k, v in state["sums"].items()}
-            resumed_at = global_step
+        progress_ = self._resume()
+        resumed_at = progress_.global_step
+        for epoch in range(progress_.epoch, self.plan.epochs):
+            if epoch != progress_.epoch or progress_.step == 0:
+                progress_.start_epoch(epoch)
+            self._train_epoch(progress_)
+            self._end_epoch(progress_)
+        return self._outcome(progress_, resumed_at, started)
+
+    def _train_epoch(self, at: Progress) -> None:
+        """The optimizer steps of one epoch, from ``at.step``, with mid-epoch checkpoints."""
+        spec, rt, plan = self.spec, self.rt, self.plan
+        perm = self._permutation(at.epoch)
+        self.raw.train()
+        bar = progress.bar(total=self.steps_per_epoch, initial=at.step, unit="step",
+                           desc=f"{spec.stage} {at.epoch + 1}/{plan.epochs}",
+                           disable=not rt.is_main or progress.disabled())
+        tick = time.perf_counter()
+        for step in range(at.step, self.steps_per_epoch):
+            factor = lr_factor(plan.optim.schedule, at.global_step, self.total_steps,
+                               self.warmup_steps)
+            at.lr = set_lr(self.optimizer, factor)
+            loss = self._optimizer_step(perm[step * plan.batch:(step + 1) * plan.batch], at.sums)
+            at.global_step += 1
+            at.seen += plan.batch
+            at.step = step + 1
+            bar.update(1)
+            if at.global_step % spec.log_every == 0:
+                self._log_step(loss, at)
+                bar.set_postfix(loss=f"{float(loss):.4f}", lr=f"{at.lr:.3g}")
+            if spec.checkpoint_every and at.global_step % spec.checkpoint_every == 0 \
+                    and step + 1 < self.steps_per_epoch:
+                at.add_time(self._elapsed(tick))
+                self._checkpoint(at)
+                tick = time.perf_counter()
+        at.add_time(self._elapsed(tick))
+        bar.close()
+
+    def _optimizer_step(self, batch_idx: torch.Tensor, sums: dict[str, torch.Tensor]
+                        ) -> torch.Tensor:
+        """One optimizer step over the global batch, in ``accumulate`` micro-batches."""
+        rt, plan = self.rt, self.plan
         rank_slice = slice(rt.rank * self.local, (rt.rank + 1) * self.local)
-        lr = plan.optim.lr
+        for micro in range(plan.accumulate):
+            idx = batch_idx[micro * self.micro:(micro + 1) * self.micro]
+            sync = micro == plan.accumulate - 1
+            ctx = (self.model.no_sync() if rt.distributed and not sync
+                   and hasattr(self.model, "no_sync") else _null())
+            with ctx:
+                with rt.autocast():
+                    loss, metrics = self.task.loss(self.model, Batch(idx, rank_slice),
+                                                   self.generator)
+                (loss / plan.accumulate).backward()
+            for key, value in {"loss": loss.detach(), **metrics}.items():
+                sums[key] = sums.get(key, 0) + value.detach().float() / plan.accumulate
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
 
-        for epoch in range(start_epoch, plan.epochs):
-            perm = self._permutation(epoch)
-            first = start_step if epoch == start_epoch else 0
-            if first == 0:
-                sums = {}
-            self.raw.train()
-            bar = progress.bar(total=self.steps_per_epoch, initial=first, unit="step",
-                               desc=f"{spec.stage} {epoch + 1}/{plan.epochs}",
-                               disable=not rt.is_main or progress.disabled())
-            tick = time.perf_counter()
-            seen, epoch_train_seconds = 0, 0.0
-            for step in range(first, self.steps_per_epoch):
-                factor = lr_factor(plan.optim.schedule, global_step, self.total_steps,
-                                   self.warmup_steps)
-                lr = set_lr(self.optimizer, factor)
-                batch_idx = perm[step * plan.batch:(step + 1) * plan.batch]
-                for micro in range(plan.accumulate):
-                    idx = batch_idx[micro * self.micro:(micro + 1) * self.micro]
-                    sync = micro == plan.accumulate - 1
-                    ctx = (self.model.no_sync() if rt.distributed and not sync
-                           and hasattr(self.model, "no_sync") else _null())
-                    with ctx:
-                        with rt.autocast():
-                            loss, metrics = self.task.loss(self.model, Batch(idx, rank_slice),
-                                                           self.generator)
-                        (loss / plan.accumulate).backward()
-                    for key, value in {"loss": loss.detach(), **metrics}.items():
-                        sums[key] = sums.get(key, 0) + value.detach().float() / plan.accumulate
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                global_step += 1
-                seen += plan.batch
-                bar.update(1)
-                if global_step % spec.log_every == 0:
-                    loss_now = float(loss.detach())
-                    if not math.isfinite(loss_now):
-                        raise TrainingDiverged(
-                            f"loss is {loss_now} at step {global_step}; lower "
-                            f"{plan.stage}.optim.lr (now {plan.optim.lr:.4g})")
-                    bar.set_postfix(loss=f"{loss_now:.4f}", lr=f"{lr:.3g}")
-                    self._log({"step/loss": loss_now, "step/lr": lr}, global_step)
-                if spec.checkpoint_every and global_step % spec.checkpoint_every == 0 \
-                        and step + 1 < self.steps_per_epoch:
-                    elapsed = self._elapsed(tick)
-                    train_seconds += elapsed
-                    epoch_train_seconds += elapsed
-                    self._save(epoch, step + 1, global_step, sums, history, train_seconds)
-                    tick = time.perf_counter()
-            elapsed = self._elapsed(tick)
-            train_seconds += elapsed
-            epoch_train_seconds += elapsed
-            bar.close()
-            record = {"epoch": epoch + 1, "lr": lr, "train_seconds": train_seconds}
-            record.update({f"train_{k}": v for k, v in
-                           self._reduce_mean(sums, self.steps_per_epoch).items()})
-            if seen:
-                record["samples_per_second"] = seen / max(epoch_train_seconds, 1e-9)
-            last = epoch + 1 == plan.epochs
-            if last or (epoch + 1) % spec.eval_every == 0:
-                self.raw.eval()
-                with torch.no_grad(), rt.autocast():
-                    record.update(self.task.evaluate(self.raw, epoch))
-                self.raw.train()
-            history.append(record)
-            self._log({k: v for k, v in record.items() if k != "epoch"}, epoch + 1)
-            if rt.is_main:
-                log.info("%s epoch %d: %s", spec.stage, epoch + 1,
-                         ", ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "epoch"))
-            self._save(epoch + 1, 0, global_step, {}, history, train_seconds)
-            sums = {}
+    def _log_step(self, loss: torch.Tensor, at: Progress) -> None:
+        loss_now = float(loss)
+        if not math.isfinite(loss_now):
+            raise TrainingDiverged(f"loss is {loss_now} at step {at.global_step}; lower "
+                                   f"{self.plan.stage}.optim.lr (now {self.plan.optim.lr:.4g})")
+        self._log({"step/loss": loss_now, "step/lr": at.lr}, at.global_step)
 
-        total = time.perf_counter() - started
-        steps_run = global_step - resumed_at
+    def _end_epoch(self, at: Progress) -> None:
+        """The epoch's record (train means, evaluation when due), logged; then a checkpoint."""
+        spec, rt = self.spec, self.rt
+        record = {"epoch": at.epoch + 1, "lr": at.lr, "train_seconds": at.train_seconds}
+        record.update({f"train_{k}": v for k, v in
+                       self._reduce_mean(at.sums, self.steps_per_epoch).items()})
+        if at.seen:
+            record["samples_per_second"] = at.seen / max(at.epoch_seconds, 1e-9)
+        last = at.epoch + 1 == self.plan.epochs
+        if last or (at.epoch + 1) % spec.eval_every == 0:
+            record.update(self._evaluate(at.epoch))
+        at.history.append(record)
+        self._log({k: v for k, v in record.items() if k != "epoch"}, at.epoch + 1)
+        if rt.is_main:
+            log.info("%s epoch %d: %s", spec.stage, at.epoch + 1,
+                     ", ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "epoch"))
+        at.epoch, at.step, at.sums = at.epoch + 1, 0, {}
+        self._checkpoint(at)
+
+    def _evaluate(self, epoch: int) -> dict[str, float]:
+        self.raw.eval()
+        with torch.no_grad(), self.rt.autocast():
+            metrics = self.task.evaluate(self.raw, epoch)
+        self.raw.train()
+        return metrics
+
+    def _outcome(self, at: Progress, resumed_at: int, started: float) -> TrainOutcome:
+        steps_run = at.global_step - resumed_at
         return TrainOutcome(
-            history=history,
-            final=history[-1] if history else {},
-            train_seconds=train_seconds,
-            total_seconds=total,
-            samples_per_second=(steps_run * plan.batch / train_seconds
-                                if train_seconds > 0 else 0.0),
+            history=at.history,
+            final=at.history[-1] if at.history else {},
+            train_seconds=at.train_seconds,
+            total_seconds=time.perf_counter() - started,
+            samples_per_second=(steps_run * self.plan.batch / at.train_seconds
+                                if at.train_seconds > 0 else 0.0),
             resumed_at_step=resumed_at,
-            steps=global_step,
+            steps=at.global_step,
             tracking_seconds=self.tracking_seconds,
         )
 
@@ -304,6 +298,45 @@ class Trainer:
         if self.rt.device.type == "cuda":
             torch.cuda.synchronize(self.rt.device)
         return time.perf_counter() - tick
+
+
+@dataclass
+class Progress:
+    """Where the loop is; what a checkpoint stores besides the model and optimizer."""
+
+    epoch: int = 0
+    step: int = 0  # next step within ``epoch``
+    global_step: int = 0
+    train_seconds: float = 0.0
+    history: list[dict[str, float]] = field(default_factory=list)
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)  # this epoch's metric sums
+    lr: float = 0.0
+    seen: int = 0  # samples this epoch, in this process's run (for throughput)
+    epoch_seconds: float = 0.0
+
+    def start_epoch(self, epoch: int) -> None:
+        self.epoch, self.step, self.sums, self.seen, self.epoch_seconds = epoch, 0, {}, 0, 0.0
+
+    def add_time(self, seconds: float) -> None:
+        self.train_seconds += seconds
+        self.epoch_seconds += seconds
+
+    def state(self, trainer: Trainer) -> dict[str, Any]:
+        state: dict[str, Any] = {
+            "model": {k: v.detach().cpu() for k, v in trainer.raw.state_dict().items()},
+            "optimizer": trainer.optimizer.state_dict(),
+            "epoch": self.epoch,
+            "step_in_epoch": self.step,
+            "global_step": self.global_step,
+            "generator": trainer.generator.get_state(),
+            "cpu_rng": torch.get_rng_state(),
+            "sums": {k: v.detach().cpu() for k, v in self.sums.items()},
+            "history": self.history,
+            "train_seconds": self.train_seconds,
+        }
+        if trainer.rt.device.type == "cuda":
+            state["cuda_rng"] = torch.cuda.get_rng_state(trainer.rt.device)
+        return state
 
 
 class _null:
