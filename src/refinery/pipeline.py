@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,50 @@ from refinery import codedeps, paths
 from refinery.stage import PlotFile, Stage
 
 P = paths
+
+
+@dataclass(frozen=True)
+class ModelRow:
+    """A model the pipeline makes, as the evaluation compares it (one row each, in order)."""
+
+    name: str
+    path: Path  # its folder: model.pt + config.json, or model.pt2 for an int8 program
+    about: str
+    source: str | None = None  # the row this model is made from (quantize reads it)
+    compared_to: str | None = None  # the row whose accuracy ``step`` is measured against
+    step: str = ""  # what ``name`` minus ``compared_to`` measures
+    int8: bool = False  # a torch.export int8 program (run compiled), not an fp32 state dict
+
+    @property
+    def file(self) -> Path:
+        return self.path / ("model.pt2" if self.int8 else "model.pt")
+
+
+MODELS: tuple[ModelRow, ...] = (
+    ModelRow("scratch", P.SCRATCH,
+             "the teacher's network trained from scratch on the labeled subset"),
+    ModelRow("teacher", P.TEACHER, "SimCLR-pretrained backbone fine-tuned on the labeled subset",
+             compared_to="scratch", step="Pretraining"),
+    ModelRow("student", P.STUDENT, "small student distilled from the teacher (fp32)",
+             source="teacher", compared_to="teacher", step="Distillation"),
+    ModelRow("student_int8", P.STUDENT_INT8,
+             "the student, int8 static quantization (compiled oneDNN kernels)",
+             source="student", compared_to="student", step="Quantization", int8=True),
+)
+
+
+def model_row(name: str) -> ModelRow:
+    for row in MODELS:
+        if row.name == name:
+            return row
+    raise KeyError(name)
+
+
+def int8_row() -> ModelRow:
+    """The deployable model: the int8 row (what the registry gate judges)."""
+    return next(row for row in MODELS if row.int8)
+
+
 _TRAIN_KEYS = ("seed", "model.teacher", "engine")
 _PREPARED = (P.PREPARED / "meta.json", P.PREPARED / "train.pt", P.PREPARED / "val.pt",
              P.PREPARED / "labeled.pt")
@@ -70,12 +115,13 @@ STAGES: tuple[Stage, ...] = (
           deps=(*_PREPARED, _POLICIES, P.TEACHER), outs=(P.STUDENT,),
           headline=("val_acc", "teacher_val_acc"), plots=(_curve("distill"),)),
     Stage("quantize", "int8 static quantization of the student (PT2E, x86), QAT if PTQ loses "
-          "too much", params=("seed", "quantize"), deps=(*_PREPARED, P.STUDENT),
-          outs=(P.STUDENT_INT8,), headline=("int8_val_acc", "size_reduction")),
+          "too much", params=("seed", "quantize"),
+          deps=(*_PREPARED, model_row(int8_row().source or "").path),
+          outs=(int8_row().path,), headline=("int8_val_acc", "size_reduction")),
     Stage("evaluate", "score every model on test (accuracy, calibration, robustness, cost); "
           "registry gate", params=("seed", "evaluate", "registry"),
-          deps=(P.PREPARED / "meta.json", P.PREPARED / "test.pt", P.SCRATCH, P.TEACHER,
-                P.STUDENT, P.STUDENT_INT8), outs=(),
+          deps=(P.PREPARED / "meta.json", P.PREPARED / "test.pt",
+                *(row.path for row in MODELS)), outs=(),
           headline=("accuracy", "macro_f1", "ece", "file_mb", "latency_p50_ms"),
           plots=(PlotFile(P.PLOTS / "evaluate", {"template": "confusion", "x": "actual",
                                                  "y": "predicted"}),)),

@@ -57,7 +57,7 @@ from refinery.formats.int8 import (
     save_quantized,
 )
 from refinery.params import Params, QuantizeParams
-from refinery.pipeline import stage_named
+from refinery.pipeline import int8_row, model_row, stage_named
 
 __all__ = [
     "ARTIFACT_NAME",
@@ -365,8 +365,9 @@ def quantize(p: QuantizeParams, *, seed: int, prepared_dir: Path, student_dir: P
 def main(params: Params, args: argparse.Namespace) -> None:
     """The adapter (:mod:`refinery.stage`): ``python -m refinery quantize``."""
     declared = stage_named("quantize")
+    target = int8_row()
     with stage.tracked(declared, params) as run:
         result = quantize(params.quantize, seed=params.seed, prepared_dir=paths.PREPARED,
-                          student_dir=paths.STUDENT, out_dir=paths.STUDENT_INT8)
-        stage.finish(declared, run, result.metrics(),
-                     artifacts=[paths.STUDENT_INT8 / "meta.json"])
+                          student_dir=model_row(target.source or "").path,
+                          out_dir=target.path)
+        stage.finish(declared, run, result.metrics(), artifacts=[target.path / "meta.json"])

@@ -1,12 +1,13 @@
 """The ``evaluate`` stage: every model the pipeline made, scored the same way on test.
 
-Rows: the supervised-from-scratch baseline, the fine-tuned teacher, the
-distilled student (fp32) and the int8 student. Each gets accuracy, macro
-P/R/F1, calibration, robustness to corruptions and its cost. Costs are stated
-as measured: fp32 models run eagerly (as ``load_model`` gives them), the int8
-model runs compiled to oneDNN int8 kernels (what it is for); the fp32 student
-is also timed compiled, so the int8 speed-up is not flattered by comparing a
-compiled model with an eager one.
+Rows: :data:`refinery.pipeline.MODELS`, in order (the scratch baseline, the
+fine-tuned teacher, the distilled student, the int8 student, ...). Each gets
+accuracy, macro P/R/F1, calibration, robustness to corruptions and its cost.
+Costs are stated as measured: fp32 models run eagerly (as ``load_model`` gives
+them), int8 programs run compiled to oneDNN int8 kernels (what they are for);
+an int8 row's fp32 source is also timed compiled, so the int8 speed-up is not
+flattered by comparing a compiled model with an eager one. Under the table,
+one sentence per row that declares what it is ``compared_to``.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,32 +27,24 @@ from refinery import fsutil, models, paths, stage
 from refinery.formats import int8 as int8_format
 from refinery.formats.prepared import load_split
 from refinery.params import EvaluateParams, Params
-from refinery.pipeline import stage_named
+from refinery.pipeline import MODELS, ModelRow, int8_row, stage_named
+from refinery.scoring import predict_logits
 from refinery.stages.evaluate import cost as cost_lib
 from refinery.stages.evaluate.report import ModelReport, comparison_table, evaluate_model
 
 log = logging.getLogger(__name__)
 
-#: Row name -> (what it is) in the order of the comparison table.
-MODEL_ROWS = {
-    "scratch": "ResNet teacher architecture trained from scratch on the labeled subset",
-    "teacher": "SimCLR-pretrained backbone fine-tuned on the labeled subset",
-    "student": "small student distilled from the teacher (fp32)",
-    "student_int8": "the student, int8 static quantization (compiled oneDNN kernels)",
-}
-
-
 @dataclass
 class EvaluateResult:
     reports: dict[str, ModelReport]
-    student_compiled_latency_ms: float | None
+    compiled_latency_ms: dict[str, float]  # fp32 sources of int8 rows, timed compiled
     table_markdown: str
 
     def metrics(self) -> dict[str, dict[str, float]]:
         """Nested per model, the form ``dvc metrics`` shows side by side."""
         out = {name: report.metrics() for name, report in self.reports.items()}
-        if self.student_compiled_latency_ms is not None:
-            out["student"]["latency_p50_ms_compiled"] = self.student_compiled_latency_ms
+        for name, latency in self.compiled_latency_ms.items():
+            out[name]["latency_p50_ms_compiled"] = latency
         return out
 
     def headline(self) -> dict[str, float]:
@@ -116,76 +110,68 @@ def write_prediction_plots(name: str, logits: torch.Tensor, labels: torch.Tensor
     return fsutil.write_text(plots_dir / f"confusion_{name}.csv", buffer.getvalue())
 
 
-def evaluate(p: EvaluateParams, *, seed: int, prepared_dir: Path, model_dirs: dict[str, Path],
-             int8_path: Path, out_dir: Path, plots_dir: Path) -> EvaluateResult:
-    """Score every model on the test split; write per-model reports and the comparison."""
-    from refinery.stages.evaluate.report import predict_logits
-
-    meta_classes = models.load_config(model_dirs["teacher"]).classes
+def evaluate(p: EvaluateParams, *, seed: int, prepared_dir: Path, rows: Sequence[ModelRow],
+             out_dir: Path, plots_dir: Path) -> EvaluateResult:
+    """Score every model row on the test split; write per-model reports and the comparison."""
     test = load_split(prepared_dir / "test.pt")
-    classes = list(meta_classes)
+    classes = list(json.loads((prepared_dir / "meta.json").read_text())["classes"])
+    shape = tuple(int(d) for d in test.images.shape[1:])
+    sources = {row.source for row in rows if row.int8}
     reports: dict[str, ModelReport] = {}
-    compiled_student_ms = None
+    compiled_ms: dict[str, float] = {}
     out_dir.mkdir(parents=True, exist_ok=True)
-    for name in ("scratch", "teacher", "student"):
-        model = models.load_model(model_dirs[name]).eval()
-        predict = _fp32_predict(model)
-        log.info("evaluate: %s", name)
-        reports[name] = evaluate_model(
-            predict, test.images, test.labels, classes, p, out_dir, name, seed=seed,
-            cost_predict=predict, parameters=models.parameter_count(model),
-            file=model_dirs[name] / "model.pt", gpu_predict=_gpu_predict(model))
-        write_prediction_plots(name, predict_logits(predict, test.images, p.batch_size),
+    for row in rows:
+        log.info("evaluate: %s%s", row.name, " (compiling int8 kernels)" if row.int8 else "")
+        if row.int8:
+            program = int8_format.compile_for_cpu(int8_format.load_quantized(row.file))
+            predict, cost_predict, gpu, parameters = (
+                _padded(program, p.batch_size), program, None,
+                reports[row.source].cost.parameters if row.source in reports else None)
+        else:
+            model = models.load_model(row.path).eval()
+            predict = cost_predict = _fp32_predict(model)
+            gpu, parameters = _gpu_predict(model), models.parameter_count(model)
+            if row.name in sources:
+                compiled_ms[row.name] = cost_lib.cpu_latency(
+                    _fp32_predict(torch.compile(model, dynamic=False)), shape,
+                    threads=p.latency.threads, warmup=max(p.latency.warmup, 3),
+                    iterations=p.latency.iterations).p50_ms
+        reports[row.name] = evaluate_model(
+            predict, test.images, test.labels, classes, p, out_dir, row.name, seed=seed,
+            cost_predict=cost_predict, parameters=parameters, file=row.file, gpu_predict=gpu)
+        write_prediction_plots(row.name, predict_logits(predict, test.images, p.batch_size),
                                test.labels, classes, plots_dir)
-        if name == "student":
-            compiled = torch.compile(model, dynamic=False)
-            shape = tuple(int(d) for d in test.images.shape[1:])
-            compiled_student_ms = cost_lib.cpu_latency(
-                _fp32_predict(compiled), shape, threads=p.latency.threads,
-                warmup=max(p.latency.warmup, 3), iterations=p.latency.iterations).p50_ms
-    int8 = int8_format.compile_for_cpu(int8_format.load_quantized(int8_path))
-    predict = _padded(int8, p.batch_size)
-    log.info("evaluate: student_int8 (compiling int8 kernels)")
-    reports["student_int8"] = evaluate_model(
-        predict, test.images, test.labels, classes, p, out_dir, "student_int8", seed=seed,
-        cost_predict=int8, parameters=reports["student"].cost.parameters, file=int8_path)
-    write_prediction_plots("student_int8", predict_logits(predict, test.images, p.batch_size),
-                           test.labels, classes, plots_dir)
     markdown, csv_text = comparison_table(list(reports.values()))
-    note = _cost_note(reports, compiled_student_ms, p)
+    note = _cost_note(rows, reports, compiled_ms, p)
     fsutil.write_text(out_dir / "comparison.md", markdown + "\n" + note)
     fsutil.write_text(out_dir / "comparison.csv", csv_text)
-    return EvaluateResult(reports, compiled_student_ms, markdown + "\n" + note)
+    return EvaluateResult(reports, compiled_ms, markdown + "\n" + note)
 
 
-def _ratio(reports: dict[str, ModelReport], big: str, small: str) -> str:
-    a, b = reports[big].cost.parameters, reports[small].cost.parameters
-    return f"{a / b:.0f}" if a and b else "?"
-
-
-def _cost_note(reports: dict[str, ModelReport], compiled_student_ms: float | None,
-               p: EvaluateParams) -> str:
+def _cost_note(rows: Sequence[ModelRow], reports: dict[str, ModelReport],
+               compiled_ms: dict[str, float], p: EvaluateParams) -> str:
     """Plain sentences under the table: what each step cost and bought."""
-    acc = {name: r.accuracy for name, r in reports.items()}
-    lines = [
-        "",
-        f"CPU latency at batch 1 with {p.latency.threads} thread(s); fp32 rows run eagerly, "
-        "the int8 row runs compiled (oneDNN int8 kernels).",
-        f"- Pretraining: teacher minus scratch = {100 * (acc['teacher'] - acc['scratch']):+.1f} "
-        "accuracy points (same network, same labels).",
-        f"- Distillation: student minus teacher = {100 * (acc['student'] - acc['teacher']):+.1f} "
-        f"points, with {_ratio(reports, 'teacher', 'student')}x fewer parameters.",
-        f"- Quantization: int8 minus fp32 student = "
-        f"{100 * (acc['student_int8'] - acc['student']):+.1f} points.",
-    ]
-    int8_latency = reports["student_int8"].cost.latency
-    fp32_latency = reports["student"].cost.latency
-    if int8_latency and fp32_latency:
-        line = (f"- int8 student: {int8_latency.p50_ms:.2f} ms vs {fp32_latency.p50_ms:.2f} ms "
-                "for the eager fp32 student")
-        if compiled_student_ms is not None:
-            line += f" and {compiled_student_ms:.2f} ms for the compiled fp32 student"
+    lines = ["", f"CPU latency at batch 1 with {p.latency.threads} thread(s); fp32 rows run "
+             "eagerly, int8 rows run compiled (oneDNN int8 kernels)."]
+    for row in rows:
+        if row.compared_to is None:
+            continue
+        new, old = reports[row.name], reports[row.compared_to]
+        line = (f"- {row.step}: {row.name} minus {row.compared_to} = "
+                f"{100 * (new.accuracy - old.accuracy):+.1f} accuracy points")
+        if new.cost.parameters and old.cost.parameters and \
+                new.cost.parameters < old.cost.parameters:
+            line += f", with {old.cost.parameters / new.cost.parameters:.1f}x fewer parameters"
         lines.append(line + ".")
+    for row in rows:
+        source = reports.get(row.source or "")
+        int8_latency = reports[row.name].cost.latency
+        if row.int8 and source is not None and int8_latency and source.cost.latency:
+            line = (f"- {row.name}: {int8_latency.p50_ms:.2f} ms vs "
+                    f"{source.cost.latency.p50_ms:.2f} ms for the eager fp32 {row.source}")
+            if row.source in compiled_ms:
+                line += f" and {compiled_ms[row.source]:.2f} ms compiled"
+            lines.append(line + ".")
     return "\n".join(lines) + "\n"
 
 
@@ -196,18 +182,16 @@ def main(params: Params, args: argparse.Namespace) -> None:
     from refinery.stages.evaluate import registry
 
     declared = stage_named("evaluate")
-    int8 = paths.STUDENT_INT8 / "model.pt2"
+    deployable = int8_row()
     with stage.tracked(declared, params) as run:
-        result = evaluate(
-            params.evaluate, seed=params.seed, prepared_dir=paths.PREPARED,
-            model_dirs={"scratch": paths.SCRATCH, "teacher": paths.TEACHER,
-                        "student": paths.STUDENT},
-            int8_path=int8, out_dir=declared.reports, plots_dir=paths.PLOTS / "evaluate")
+        result = evaluate(params.evaluate, seed=params.seed, prepared_dir=paths.PREPARED,
+                          rows=MODELS, out_dir=declared.reports,
+                          plots_dir=paths.PLOTS / "evaluate")
         stage.finish(declared, run, result.metrics())
         test = load_split(paths.PREPARED / "test.pt")
-        int8_report = result.reports["student_int8"]
+        int8_report = result.reports[deployable.name]
         registry.register(
-            run, params.registry, models.load_model(paths.TEACHER), int8,
+            run, params.registry, models.load_model(paths.TEACHER), deployable.file,
             example=(test.images[:2].float() / 255).numpy(),
             candidate=registry.Candidate(
                 accuracy=int8_report.accuracy,
