@@ -16,7 +16,7 @@ This module imports no stage code (the CLI's ``--help`` stays instant).
 from __future__ import annotations
 
 import importlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -83,6 +83,19 @@ def _curve(stage: str) -> PlotFile:
     return PlotFile(P.PLOTS / f"{stage}.csv")
 
 
+def _train_images(params: Any, meta: Mapping[str, Any]) -> int:
+    return int(meta["counts"]["train"])
+
+
+def _labeled_images(params: Any, meta: Mapping[str, Any]) -> int:
+    return int(meta["labeled"])
+
+
+def _distilled_images(params: Any, meta: Mapping[str, Any]) -> int:
+    """Distillation adds the unlabeled pool (KD term only) unless told not to."""
+    return (_train_images if params.distill.use_unlabeled else _labeled_images)(params, meta)
+
+
 STAGES: tuple[Stage, ...] = (
     Stage("download", "fetch the source (builtin, CIFAR-10 binary, image-folder archive) "
           "into data/raw", params=("seed", "download"), deps=(), outs=(P.RAW,),
@@ -100,20 +113,23 @@ STAGES: tuple[Stage, ...] = (
           outs=(P.AUGMENT,), headline=("ssl_view_gap", "supervised_change")),
     Stage("pretrain", "self-supervised SimCLR pretraining of the teacher backbone (GPU when "
           "present)", params=(*_TRAIN_KEYS, "pretrain"), deps=(*_PREPARED, _POLICIES),
-          outs=(P.PRETRAINED,), headline=("knn_acc", "steps"), plots=(_curve("pretrain"),)),
+          outs=(P.PRETRAINED,), headline=("knn_acc", "steps"), plots=(_curve("pretrain"),),
+          schedule="pretrain", epoch_of=_train_images),
     Stage("finetune", "fine-tune the pretrained backbone on the labeled subset (the teacher)",
           params=(*_TRAIN_KEYS, "finetune"), deps=(*_PREPARED, _POLICIES, P.PRETRAINED),
           outs=(P.TEACHER,), headline=("val_acc", "steps"), plots=(_curve("finetune"),),
-          cli_args=("--init", "pretrained"), arguments=_INIT),
+          cli_args=("--init", "pretrained"), arguments=_INIT, schedule="finetune",
+          epoch_of=_labeled_images),
     Stage("finetune_scratch", "the same training from random weights: the baseline "
           "pretraining must beat", module="finetune", params=(*_TRAIN_KEYS, "finetune"),
           deps=(*_PREPARED, _POLICIES), outs=(P.SCRATCH,), headline=("val_acc", "steps"),
           plots=(_curve("finetune_scratch"),), cli_args=("--init", "scratch"),
-          arguments=_INIT),
+          arguments=_INIT, schedule="finetune", epoch_of=_labeled_images),
     Stage("distill", "distill the teacher into the small student (labeled + unlabeled "
           "images)", params=("seed", "model.student", "engine", "distill"),
           deps=(*_PREPARED, _POLICIES, P.TEACHER), outs=(P.STUDENT,),
-          headline=("val_acc", "teacher_val_acc"), plots=(_curve("distill"),)),
+          headline=("val_acc", "teacher_val_acc"), plots=(_curve("distill"),),
+          schedule="distill", epoch_of=_distilled_images),
     Stage("quantize", "int8 static quantization of the student (PT2E, x86), QAT if PTQ loses "
           "too much", params=("seed", "quantize"),
           deps=(*_PREPARED, model_row(int8_row().source or "").path),

@@ -28,11 +28,6 @@ from refinery.params import Params
 
 log = logging.getLogger(__name__)
 
-#: Training stages and the params section whose schedule they run.
-TRAINING_SECTIONS = {"pretrain": "pretrain", "finetune": "finetune",
-                     "finetune_scratch": "finetune", "distill": "distill"}
-
-
 @dataclass(frozen=True)
 class Plan:
     schedules: dict[str, Schedule]  # by params section
@@ -50,10 +45,11 @@ class Plan:
 
 
 def training_samples(params: Params, meta: Mapping[str, Any]) -> dict[str, int]:
-    """The index space each training section's epoch covers, from ``prepare``'s counts."""
-    train, labeled = int(meta["counts"]["train"]), int(meta["labeled"])
-    return {"pretrain": train, "finetune": labeled,
-            "distill": train if params.distill.use_unlabeled else labeled}
+    """The index space each training section's epoch covers (the stages declare it)."""
+    from refinery.pipeline import STAGES
+
+    return {stage.schedule: stage.epoch_of(params, meta) for stage in STAGES
+            if stage.schedule and stage.epoch_of is not None}
 
 
 def static_problems(params: Params) -> list[str]:

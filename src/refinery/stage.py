@@ -22,7 +22,7 @@ made the outputs); the declaration adds those paths itself.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,6 +53,10 @@ class Stage:
     command: str = ""  # the CLI sub-command (several stages may share one); default: module
     cli_args: tuple[str, ...] = ()  # fixed CLI arguments of this stage
     arguments: tuple[tuple[str, dict[str, Any]], ...] = ()  # the sub-command's options
+    #: a training stage: the params section whose schedule it runs (engine.schedule), and
+    #: how many samples one epoch covers, from the params and prepare's meta.json
+    schedule: str = ""
+    epoch_of: Callable[[Params, Mapping[str, Any]], int] | None = None
 
     @property
     def import_path(self) -> str:
