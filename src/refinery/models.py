@@ -57,6 +57,7 @@ class ModelConfig:
     stem: Literal["auto", "small", "imagenet"] = "auto"
     width: int = 32  # student only
     depth: tuple[int, ...] = field(default=(1, 1, 1))  # student only
+    pruned: bool = False  # channel-pruned: layer widths come from the saved state dict
 
     def with_classes(self, classes: list[str] | tuple[str, ...]) -> ModelConfig:
         return replace(self, num_classes=len(classes), classes=tuple(classes))
@@ -255,9 +256,42 @@ def load_config(directory: str | Path) -> ModelConfig:
 
 def load_model(directory: str | Path, map_location: str | torch.device = "cpu") -> ImageClassifier:
     directory = Path(directory)
-    model = build_model(load_config(directory))
+    config = load_config(directory)
+    model = build_model(config)
     state = torch.load(directory / "model.pt", map_location=map_location, weights_only=True)
+    if config.pruned:
+        fit_to_state(model, state)
     model.load_state_dict(state)
+    return model
+
+
+def fit_to_state(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+    """Resize convolutions, batch norms and linear layers to the shapes in ``state``.
+
+    A channel-pruned model (the ``prune`` stage) keeps its architecture but not its
+    widths; its state dict alone says them, so a pruned model still saves and loads
+    as a plain ``weights_only`` state dict plus ``config.json``.
+    """
+    for name, module in model.named_modules():
+        prefix = f"{name}." if name else ""
+        weight = state.get(prefix + "weight")
+        if weight is None:
+            continue
+        if isinstance(module, nn.Conv2d):
+            module.out_channels = weight.shape[0]
+            module.in_channels = weight.shape[1] * module.groups
+        elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.num_features = weight.shape[0]
+        elif isinstance(module, nn.Linear):
+            module.out_features, module.in_features = weight.shape
+        else:
+            continue
+        for key, tensor in module._parameters.items():
+            if tensor is not None and prefix + key in state:
+                module._parameters[key] = nn.Parameter(torch.empty_like(state[prefix + key]))
+        for key, tensor in module._buffers.items():
+            if tensor is not None and prefix + key in state:
+                module._buffers[key] = torch.empty_like(state[prefix + key])
     return model
 
 

@@ -337,6 +337,21 @@ class DistillParams(Section):
 # ------------------------------------------------------------------ compression
 
 
+class PruneParams(Section):
+    """Structured channel pruning of the distilled student, then a recovery distillation."""
+
+    ratio: float = Field(0.5, ge=0.0, lt=1.0, description="share of every prunable layer's "
+                         "channels removed by L2 magnitude (0: the stage copies the student)")
+    epochs: int = Field(10, ge=1, le=10_000, description="recovery distillation")
+    min_steps: int = Field(0, ge=0, le=10_000_000)
+    batch_size: int = Field(128, ge=1, le=65_536)
+    accumulate: int = Field(1, ge=1, le=1024)
+    optim: OptimParams = OptimParams(lr=0.02)
+    temperature: float = Field(4.0, gt=0, le=100)
+    alpha: Probability = Field(0.7, description="weight of the KD term on labeled images")
+    eval_every: int = Field(1, ge=1)
+
+
 class QuantizeParams(Section):
     calibration_images: int = Field(512, ge=1, le=1_000_000)
     calibration_batch: int = Field(64, ge=1, le=4096)
@@ -413,6 +428,7 @@ class Params(Section):
     pretrain: PretrainParams = PretrainParams()
     finetune: FinetuneParams = FinetuneParams()
     distill: DistillParams = DistillParams()
+    prune: PruneParams = PruneParams()
     quantize: QuantizeParams = QuantizeParams()
     evaluate: EvaluateParams = EvaluateParams()
     registry: RegistryParams = RegistryParams()

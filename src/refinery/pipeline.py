@@ -45,6 +45,13 @@ class ModelRow:
     def file(self) -> Path:
         return self.path / ("model.pt2" if self.int8 else "model.pt")
 
+    @property
+    def source_path(self) -> Path:
+        """The folder of the model this one is made from."""
+        if self.source is None:
+            raise ValueError(f"model {self.name} is not made from another")
+        return model_row(self.source).path
+
 
 MODELS: tuple[ModelRow, ...] = (
     ModelRow("scratch", P.SCRATCH,
@@ -53,9 +60,13 @@ MODELS: tuple[ModelRow, ...] = (
              compared_to="scratch", step="Pretraining"),
     ModelRow("student", P.STUDENT, "small student distilled from the teacher (fp32)",
              source="teacher", compared_to="teacher", step="Distillation"),
+    ModelRow("student_pruned", P.MODELS / "student-pruned",
+             "the student with prune.ratio of its channels removed, recovered by distillation",
+             source="student", compared_to="student", step="Pruning"),
     ModelRow("student_int8", P.STUDENT_INT8,
-             "the student, int8 static quantization (compiled oneDNN kernels)",
-             source="student", compared_to="student", step="Quantization", int8=True),
+             "the pruned student, int8 static quantization (compiled oneDNN kernels)",
+             source="student_pruned", compared_to="student_pruned", step="Quantization",
+             int8=True),
 )
 
 
@@ -130,9 +141,14 @@ STAGES: tuple[Stage, ...] = (
           deps=(*_PREPARED, _POLICIES, P.TEACHER), outs=(P.STUDENT,),
           headline=("val_acc", "teacher_val_acc"), plots=(_curve("distill"),),
           schedule="distill", epoch_of=_distilled_images),
+    Stage("prune", "structured channel pruning of the student, then a recovery distillation",
+          params=("seed", "engine", "prune"),
+          deps=(*_PREPARED, _POLICIES, model_row("student_pruned").source_path, P.TEACHER),
+          outs=(model_row("student_pruned").path,), headline=("val_acc", "parameters"),
+          plots=(_curve("prune"),), schedule="prune", epoch_of=_train_images),
     Stage("quantize", "int8 static quantization of the student (PT2E, x86), QAT if PTQ loses "
           "too much", params=("seed", "quantize"),
-          deps=(*_PREPARED, model_row(int8_row().source or "").path),
+          deps=(*_PREPARED, int8_row().source_path),
           outs=(int8_row().path,), headline=("int8_val_acc", "size_reduction")),
     Stage("evaluate", "score every model on test (accuracy, calibration, robustness, cost); "
           "registry gate", params=("seed", "evaluate", "registry"),

@@ -59,7 +59,7 @@ def knn_accuracy(train_features: torch.Tensor, train_labels: torch.Tensor,
 
 def write_history_csv(history: Sequence[dict[str, float]], path: Path) -> Path:
     """Per-epoch curves as CSV, the format ``dvc plots`` reads."""
-    columns: list[str] = []
+    columns: list[str] = ["epoch"]
     for row in history:
         columns.extend(k for k in row if k not in columns)
     buffer = io.StringIO()
