@@ -86,8 +86,8 @@ def test_the_plan_of_a_small_photo_set_adapts_and_says_so() -> None:
     assert plan.schedules["pretrain"].batch == 54
     assert plan.schedules["finetune"].batch == 5  # 22 labeled // 4
     assert plan.schedules["finetune"].total_steps == 4 * params.finetune.epochs
-    # pretraining 32 steps and distillation 80: each says so, and how to fix it
-    assert [w.split(" runs only")[0] for w in plan.warnings] == ["pretrain", "distill"]
+    # pretraining 32 steps, distillation 80, pruning's recovery 40: each says so, and how
+    assert [w.split(" runs only")[0] for w in plan.warnings] == ["pretrain", "distill", "prune"]
     assert f"set pretrain.min_steps: {FEW_STEPS} (or pretrain.epochs: 25)" in plan.warnings[0]
 
 

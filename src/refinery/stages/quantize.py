@@ -57,7 +57,7 @@ from refinery.formats.int8 import (
     save_quantized,
 )
 from refinery.params import Params, QuantizeParams
-from refinery.pipeline import int8_row, stage_named
+from refinery.pipeline import int8_row, model_row, stage_named
 
 __all__ = [
     "ARTIFACT_NAME",
@@ -368,6 +368,6 @@ def main(params: Params, args: argparse.Namespace) -> None:
     target = int8_row()
     with stage.tracked(declared, params) as run:
         result = quantize(params.quantize, seed=params.seed, prepared_dir=paths.PREPARED,
-                          student_dir=target.source_path,
+                          student_dir=model_row(target.source or "").path,
                           out_dir=target.path)
         stage.finish(declared, run, result.metrics(), artifacts=[target.path / "meta.json"])
