@@ -8,7 +8,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: pipeline test install lint
+.PHONY: pipeline test test-fast install lint
 
 install: $(STAMP)
 
@@ -24,6 +24,10 @@ pipeline: $(STAMP)
 
 test: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest
+
+# The development loop: everything but the end-to-end tests (servers, training).
+test-fast: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -m "not slow"
 
 lint: $(STAMP)
 	$(BIN)/ruff check src pipelines tests benchmarks .ci
