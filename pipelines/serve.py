@@ -26,16 +26,19 @@ NIGHTLY_CRON = "0 2 * * *"
 
 def build_deployments(cron: str = NIGHTLY_CRON, timezone: str = "UTC",
                       overrides: dict[str, Any] | None = None,
-                      stop_after: str | None = None) -> list[Any]:
+                      stop_after: str | None = None, interval_s: float | None = None
+                      ) -> list[Any]:
     """The nightly and on-demand deployments, one execution at a time (like prefect.yaml).
 
     ``overrides`` and ``stop_after`` become the nightly run's parameters (validated by
-    the flow like any run's, before any work).
+    the flow like any run's, before any work); ``interval_s`` replaces the cron with a
+    fixed interval (e.g. hourly).
     """
-    from prefect.schedules import Cron
+    from prefect.schedules import Cron, Interval
 
+    schedule = Interval(interval_s) if interval_s else Cron(cron, timezone=timezone)
     nightly = refinery_pipeline.to_deployment(
-        name="nightly", schedule=Cron(cron, timezone=timezone), tags=["refinery", "nightly"],
+        name="nightly", schedule=schedule, tags=["refinery", "nightly"],
         concurrency_limit=1,
         parameters={"overrides": dict(overrides or {}), "stop_after": stop_after},
         description="Nightly retrain: every stage of dvc.yaml through dvc repro.",
@@ -52,6 +55,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cron", default=NIGHTLY_CRON, help="nightly schedule (cron)")
     parser.add_argument("--timezone", default="UTC")
+    parser.add_argument("--interval", type=float, default=None, metavar="SECONDS",
+                        help="run every SECONDS instead of on the cron")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         dest="assignments",
                         help="a params override for the scheduled runs (repeatable)")
@@ -64,7 +69,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.exit(2, f"pipelines.serve: {exc}\n")
     from prefect import serve
 
-    serve(*build_deployments(args.cron, args.timezone, overrides, args.stop_after))
+    serve(*build_deployments(args.cron, args.timezone, overrides, args.stop_after,
+                             args.interval))
 
 
 def _checked(assignments: list[str], stop_after: str | None) -> dict[str, Any]:

@@ -6,6 +6,8 @@ import os
 from pathlib import Path
 
 import pytest
+from pipeline_run import pipeline_run  # noqa: F401  (session fixtures for every module)
+from servers import dvc_cache, mlflow_server, prefect_server  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_CIFAR = REPO.parent / "shared" / "datasets" / "cifar10-jpeg.tar.gz"

@@ -311,6 +311,21 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowSe
 
 
 @pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectServer]:
+    """One Prefect server for the session (scheduler off), shared like :func:`mlflow_server`."""
+    if "prefect" in _SHARED:
+        yield _SHARED["prefect"]  # type: ignore[misc]
+        return
+    server = PrefectServer(tmp_path_factory.mktemp("prefect-home")).start()
+    _SHARED["prefect"] = server
+    try:
+        yield server
+    finally:
+        _SHARED.pop("prefect", None)
+        server.stop()
+
+
+@pytest.fixture(scope="session")
 def dvc_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A DVC cache shared by the session's workspaces: its run cache lets a stage that
     another test already ran with the same code, data and params be restored instead

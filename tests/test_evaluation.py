@@ -184,7 +184,7 @@ def test_latency_is_sane_and_threads_are_restored() -> None:
     result = cost.cpu_latency(predict, (1, 8, 8), threads=1, warmup=2, iterations=20)
     assert torch.get_num_threads() == before
     assert set(seen) == {1}
-    assert 0 < result.p50_ms <= result.p95_ms < 1_000
+    assert 0 < result.p50_ms <= result.p95_ms
     assert (result.batch, result.threads, result.iterations) == (1, 1, 20)
     throughput = cost.cpu_throughput(predict, (1, 8, 8), threads=1, batch=16, iterations=3)
     assert throughput.images_per_s > 0 and throughput.batch == 16 and throughput.threads == 1

@@ -23,8 +23,6 @@ from servers import (
     REPO,
     MlflowServer,
     children,
-    dvc_cache,  # noqa: F401  (session fixture)
-    mlflow_server,  # noqa: F401  (session fixture)
     parents,
     run,
     workspace_copy,
@@ -53,7 +51,7 @@ def _exp_show(ws: Path, env: dict[str, str]) -> dict[str, dict[str, Any]]:
 
 
 @pytest.fixture(scope="module")
-def experiments(mlflow_server: MlflowServer, dvc_cache: Path,  # noqa: F811
+def experiments(mlflow_server: MlflowServer, dvc_cache: Path,
                 tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     ws = workspace_copy(tmp_path_factory.mktemp("exp") / "ws", cache=dvc_cache)
     env = workspace_env(ws, {"MLFLOW_TRACKING_URI": mlflow_server.uri})
@@ -113,7 +111,7 @@ def test_dvc_exp_show_and_mlflow_agree(experiments: dict[str, Any]) -> None:
 @pytest.mark.skipif(not browser.available(), reason="Debian chromium not installed "
                     "(.ci/run installs it: apt-get install chromium)")
 def test_mlflow_compare_view_screenshot(experiments: dict[str, Any],
-                                        mlflow_server: MlflowServer,  # noqa: F811
+                                        mlflow_server: MlflowServer,
                                         tmp_path: Path) -> None:
     found = experiments["parents"]
     run_ids = [found[name].info.run_id for name in EXPERIMENTS]

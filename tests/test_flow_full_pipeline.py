@@ -1,94 +1,94 @@
-"""The whole pipeline of dvc.yaml through the Prefect flow, tiny params, real MLflow server.
+"""The whole pipeline through the Prefect flow: what the flow, Prefect and MLflow show of it.
 
-FOLLOW-UP (lead): this test enables itself once ``dvc.yaml`` has the
-``evaluate`` stage (and agrees with ``refinery.pipeline.STAGES``); until then it
-is skipped with that reason. It expects the evaluate stage to write
-``metrics/evaluate.json`` (flat headline numbers, put on the MLflow parent)
-and ``reports/evaluate/comparison.md`` (the flow's summary artifact), and to
-register the student under ``registry.student_name`` from a run of this
-execution. ``REFINERY_SKIP_FULL_PIPELINE=1`` skips it (e.g. on a slow box).
+The session's shared run (``tests/pipeline_run.py``): every stage of
+``dvc.yaml`` as a Prefect task against a real Prefect server, each through
+``dvc repro``, logging to a real MLflow server. Checked here: the flow ran
+dvc.yaml's stages in order; the Prefect summary artifact carries the model
+comparison and links every MLflow run; the comparison table has a row per
+model and a sentence per comparison, with the numbers of the headline
+metrics; the MLflow parent holds the headline metrics; the student was
+registered by this execution.
 """
 
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
+from typing import Any
 
 import pytest
-from servers import (
-    BIN,
-    REPO,
-    MlflowServer,
-    children,
-    dvc_cache,  # noqa: F401  (session fixture)
-    mlflow_server,  # noqa: F401  (session fixture)
-    parents,
-    run,
-    workspace_copy,
-    workspace_env,
-)
-from workspace import TINY_TRAINING
+from pipeline_run import PipelineRun
+from servers import REPO, children, parents
 
 from pipelines import dvcfile
-from refinery.params import load_params
-from refinery.pipeline import STAGES
+from pipelines.flow import SUMMARY_KEY
+from refinery.pipeline import MODELS
 from refinery.tracking import flatten
 
 pytestmark = pytest.mark.slow
 
 DVC_STAGES = [s.name for s in dvcfile.read_stages(REPO / "dvc.yaml")]
-READY = "evaluate" in DVC_STAGES and [s.name for s in STAGES] == DVC_STAGES
-TINY = {  # the shared tiny profile, cut to one epoch: this checks wiring, not accuracy
-    **TINY_TRAINING,
-    "pretrain.epochs": 1,
-    "finetune.epochs": 1,
-    "distill.epochs": 1,
-    "quantize.calibration_images": 64,
-    "quantize.qat_if_drop_above": 100.0,  # no QAT fine-tuning
-    "evaluate.latency.warmup": 1,
-    "evaluate.latency.iterations": 5,
-    "evaluate.latency.throughput_iterations": 1,
-}
-SCRIPT = """
-import json, sys
-from pipelines.flow import refinery_pipeline
-result = refinery_pipeline(overrides=json.loads(sys.argv[1]))
-print("RESULT " + json.dumps(result))
-"""
 
 
-@pytest.mark.skipif(not READY, reason="FOLLOW-UP(lead): enable once dvc.yaml has the "
-                    "evaluate stage and matches refinery.pipeline.STAGES")
-@pytest.mark.skipif(os.environ.get("REFINERY_SKIP_FULL_PIPELINE") == "1",
-                    reason="REFINERY_SKIP_FULL_PIPELINE=1")
-def test_full_pipeline_through_the_flow(mlflow_server: MlflowServer,  # noqa: F811
-                                        dvc_cache: Path, tmp_path: Path) -> None:  # noqa: F811
-    ws = workspace_copy(tmp_path / "ws", cache=dvc_cache)
-    env = workspace_env(ws, {"MLFLOW_TRACKING_URI": mlflow_server.uri,
-                             "PREFECT_HOME": str(tmp_path / "prefect-home")})
-    env.pop("PREFECT_API_URL", None)  # the flow starts Prefect's temporary local server
-    out = run([str(BIN / "python"), "-c", SCRIPT, json.dumps(TINY)], ws, env, timeout=3600)
-    result = json.loads(out.stdout.split("RESULT ", 1)[1].splitlines()[0])
-    assert [s["stage"] for s in result["stages"]] == DVC_STAGES
-
-    client = mlflow_server.client()
+def _parent(run: PipelineRun) -> Any:
+    client = run.mlflow.client()
     (parent,) = [p for p in parents(client)
-                 if p.data.tags["refinery.pipeline_id"] == result["pipeline_id"]]
+                 if p.data.tags["refinery.pipeline_id"] == run.result["pipeline_id"]]
+    return parent
+
+
+def test_the_flow_ran_every_stage_of_dvc_yaml_in_order(pipeline_run: PipelineRun) -> None:
+    assert [s["stage"] for s in pipeline_run.result["stages"]] == DVC_STAGES
+    server = pipeline_run.prefect
+    flow_run = server.api("GET", f"/flow_runs/{pipeline_run.flow_run_id}")
+    assert flow_run["state_type"] == "COMPLETED"
+    tasks = server.api("POST", "/task_runs/filter", {
+        "flow_runs": {"id": {"any_": [pipeline_run.flow_run_id]}},
+        "sort": "EXPECTED_START_TIME_ASC"})
+    assert [t["name"] for t in tasks] == DVC_STAGES
+    assert all(t["state_type"] == "COMPLETED" for t in tasks)
+
+
+def test_the_comparison_states_every_model_and_every_step(pipeline_run: PipelineRun) -> None:
+    table = (pipeline_run.ws / "reports/evaluate/comparison.md").read_text()
+    headline = pipeline_run.json("metrics/evaluate.json")
+    for row in MODELS:
+        accuracy = 100 * headline[row.name]["accuracy"]
+        assert f"| {row.name} | {accuracy:.2f} |" in table, row.name
+        if row.compared_to:
+            gap = accuracy - 100 * headline[row.compared_to]["accuracy"]
+            assert f"- {row.step}: {row.name} minus {row.compared_to} = {gap:+.1f} " in table
+
+
+def test_the_prefect_summary_artifact_shows_the_comparison_and_links_the_runs(
+        pipeline_run: PipelineRun) -> None:
+    found = pipeline_run.prefect.api("POST", "/artifacts/filter", {
+        "artifacts": {"flow_run_id": {"any_": [pipeline_run.flow_run_id]}}})
+    artifacts = {a["key"]: a for a in found}
+    summary = artifacts[SUMMARY_KEY]["data"]
+    assert summary.startswith("# refinery pipeline: COMPLETED")
+    comparison = (pipeline_run.ws / "reports/evaluate/comparison.md").read_text().strip()
+    assert "## Model comparison" in summary and comparison in summary
+    parent = _parent(pipeline_run)
+    experiment = parent.info.experiment_id
+    assert f"{pipeline_run.mlflow.uri}/#/experiments/{experiment}/runs/{parent.info.run_id}" \
+        in summary
+    for stage in DVC_STAGES:  # every stage's run (executed or reused) is linked
+        run_id = parent.data.tags[f"refinery.stage.{stage}"]
+        state = parent.data.tags[f"refinery.stage.{stage}.state"]
+        assert f"- {stage} ({state}): [{run_id}](" in summary
+
+
+def test_the_mlflow_parent_holds_the_headline_and_the_registered_student(
+        pipeline_run: PipelineRun) -> None:
+    client = pipeline_run.mlflow.client()
+    parent = _parent(pipeline_run)
     assert parent.info.status == "FINISHED"
     kids = children(client, parent.info.run_id)
     for stage in DVC_STAGES:
-        assert f"refinery.stage.{stage}" in parent.data.tags
         if parent.data.tags[f"refinery.stage.{stage}.state"] == "executed":
             assert kids[stage].info.status == "FINISHED"
-    headline = flatten(json.loads((ws / "reports" / "metrics.json").read_text()))
-    numbers = {k: v for k, v in headline.items()
-               if isinstance(v, int | float) and not isinstance(v, bool)}
-    assert numbers and all(parent.data.metrics[k] == pytest.approx(v)
-                           for k, v in numbers.items())
-    assert (ws / "reports" / "evaluate" / "comparison.md").exists()
-
-    name = load_params(ws / "params.yaml").registry.student_name
-    versions = client.search_model_versions(f"name = '{name}'")
-    run_ids = {k.info.run_id for k in kids.values()}
-    assert any(v.run_id in run_ids for v in versions), "student not registered by this run"
+    headline = flatten(pipeline_run.json("metrics/evaluate.json"))
+    assert headline and all(parent.data.metrics[k] == pytest.approx(v)
+                            for k, v in headline.items())
+    registry = pipeline_run.json("reports/evaluate/registry.json")
+    version = client.get_model_version(registry["student_model"], registry["version"])
+    assert version.run_id == kids["evaluate"].info.run_id

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from workspace import REPO, build_data, run_cli, write_params
+from pipeline_run import PipelineRun
+from workspace import REPO, run_cli, write_params
 
 from refinery.engine.schedule import FEW_STEPS, resolve
 from refinery.errors import ParamsError
@@ -108,10 +109,8 @@ def test_every_problem_of_the_plan_is_reported_at_once() -> None:
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("plan")
-    build_data(root, write_params(root))
-    return root
+def prepared(pipeline_run: PipelineRun) -> Path:
+    return pipeline_run.ws  # read only: each test copies its data
 
 
 def _copy(prepared: Path, target: Path, overrides: dict) -> Path:

@@ -3,10 +3,12 @@
 The nightly deployment is only worth something if the server's scheduler
 service turns its cron into flow runs. With SQLAlchemy 2.1 it crashed on every
 cycle and no scheduled run was ever created, while on-demand runs worked (so
-nothing else caught it). Here ``python -m pipelines.serve --cron "* * * * *"``
-serves the README's deployments against a server whose scheduler is on; the
-test waits for a run the scheduler itself created (``auto_scheduled``) to
-complete, and fails on any service error in the server's log.
+nothing else caught it). Here ``python -m pipelines.serve --interval 5``
+serves the README's deployments against a server whose scheduler is on (a
+short interval instead of the nightly cron, so the first run is due at once;
+the scheduler's code path is the same); the test waits for a run the
+scheduler itself created (``auto_scheduled``) to complete, and fails on any
+service error in the server's log.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ from typing import Any
 import pytest
 from servers import (
     PrefectServer,
-    dvc_cache,  # noqa: F401  (session fixture)
     isolate_prefect_home,
     run,
     wait_for,
@@ -63,13 +64,13 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 @pytest.mark.slow
 def test_scheduler_creates_a_run_that_serve_completes(
-        scheduling_server: PrefectServer, dvc_cache: Path,  # noqa: F811
+        scheduling_server: PrefectServer, dvc_cache: Path,
         tmp_path: Path) -> None:
     server = scheduling_server
     ws = workspace_copy(tmp_path / "ws", cache=dvc_cache)
     env = workspace_env(ws, server.client_env())
     log = tmp_path / "serve.log"
-    serving = _serve(ws, env, log, "--cron", "* * * * *", "--stop-after", "download",
+    serving = _serve(ws, env, log, "--interval", "5", "--stop-after", "download",
                      "--set", "download.test_fraction=0.25")
     try:
         def registered() -> dict[str, Any] | None:
@@ -122,3 +123,14 @@ def test_serve_refuses_a_bad_schedule_before_serving(tmp_path: Path) -> None:
     bad_stage = run([sys.executable, "-m", "pipelines.serve", "--stop-after", "nope"], REPO,
                     env, timeout=120, check=False)
     assert bad_stage.returncode == 2 and "unknown stage 'nope'" in bad_stage.stderr
+
+
+def test_serve_cron_becomes_the_nightly_schedule() -> None:
+    from pipelines.serve import build_deployments
+
+    nightly, on_demand = build_deployments("0 3 * * *", "Europe/Paris")
+    assert nightly.schedules[0].schedule.cron == "0 3 * * *"
+    assert nightly.schedules[0].schedule.timezone == "Europe/Paris"
+    assert not on_demand.schedules
+    (every,) = build_deployments(interval_s=3600)[0].schedules
+    assert every.schedule.interval.total_seconds() == 3600

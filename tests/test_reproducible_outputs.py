@@ -3,9 +3,11 @@
 Bit-identical weights are not enough: DVC hashes files, so a model file whose
 bytes differ (a temporary name inside the zip, a timing in its config) is a
 new output to DVC, every stage after it reruns, and the run-cache never hits.
-Two fresh workspaces, each with its own DVC cache, run the pipeline up to
-``quantize``; every ``data/`` and ``models/`` output in their ``dvc.lock`` must
-have the same md5.
+The session's shared run (the Prefect flow, every stage through ``dvc repro``)
+against a copy of its workspace, with a DVC cache of its own, that computes
+the data stages and a training stage again from scratch (``dvc repro
+--force``): every ``data/`` and ``models/`` output they write must have the
+md5 the shared run recorded in its ``dvc.lock``.
 
 What legitimately differs between such runs (and is not compared here):
 ``lineage/<stage>.json`` (run ids, finish time), the ``metrics/*.json`` and
@@ -19,13 +21,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from servers import BIN, run, workspace_copy, workspace_env
-from workspace import TINY_TRAINING
+from pipeline_run import PipelineRun
+from servers import BIN, run, workspace_env
 
 pytestmark = pytest.mark.slow
-
-SETTINGS = {**TINY_TRAINING, "pretrain.epochs": 1, "finetune.epochs": 2, "distill.epochs": 1,
-            "quantize.calibration_images": 128}
 
 
 def _outs(ws: Path) -> dict[str, str]:
@@ -38,16 +37,19 @@ def _outs(ws: Path) -> dict[str, str]:
     return found
 
 
-def test_two_fresh_runs_write_the_same_bytes(tmp_path: Path) -> None:
-    outs = []
-    for name in ("first", "second"):
-        ws = workspace_copy(tmp_path / name / "ws", cache=tmp_path / name / "cache",
-                            overrides=SETTINGS)
-        run([str(BIN / "dvc"), "repro", "quantize"], ws,
-            workspace_env(ws, {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / name}/ml.db"}))
-        outs.append(_outs(ws))
-    first, second = outs
-    assert {"data/prepared", "models/teacher", "models/student-int8"} <= set(first)
-    differing = {path: (first[path], second.get(path)) for path in first
-                 if first[path] != second.get(path)}
+AGAIN = ("download", "validate", "prepare", "augment", "finetune_scratch")
+
+
+def test_two_fresh_runs_write_the_same_bytes(pipeline_run: PipelineRun, tmp_path: Path) -> None:
+    ws = pipeline_run.copy_of(tmp_path / "ws")
+    run([str(BIN / "dvc"), "cache", "dir", "--local", str(tmp_path / "cache")], ws)
+    env = workspace_env(ws, {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/ml.db"})
+    for stage in AGAIN:
+        out = run([str(BIN / "dvc"), "repro", "--force", "--single-item", stage], ws, env).stdout
+        assert f"Running stage '{stage}'" in out  # computed again, not restored
+    first, second = _outs(pipeline_run.ws), _outs(ws)
+    again = {path for path in second if path.startswith(("data/", "models/scratch"))}
+    assert {"data/raw", "data/prepared", "data/augment", "models/scratch"} <= again
+    differing = {path: (first[path], second[path]) for path in again
+                 if first[path] != second[path]}
     assert differing == {}, f"outputs whose bytes differ between identical runs: {differing}"

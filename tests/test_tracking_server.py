@@ -12,9 +12,9 @@ import json
 import shutil
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 from servers import (
@@ -23,7 +23,6 @@ from servers import (
     TcpProxy,
     children,
     free_port,
-    mlflow_server,  # noqa: F401  (session fixture)
     parents,
     tool_env,
 )
@@ -65,7 +64,7 @@ def _fake_stage(stage: str, metrics: dict[str, float], steps: int = 3, **kwargs)
         return run.run_id
 
 
-def test_run_tree_lineage_and_reuse(mlflow_server: MlflowServer, workspace: Path,  # noqa: F811
+def test_run_tree_lineage_and_reuse(mlflow_server: MlflowServer, workspace: Path,
                                     monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
     client = mlflow_server.client()
@@ -102,7 +101,7 @@ def test_run_tree_lineage_and_reuse(mlflow_server: MlflowServer, workspace: Path
     assert parent2.info.status == "FINISHED"
 
 
-def test_failed_stage_marks_child_and_parent(mlflow_server: MlflowServer,  # noqa: F811
+def test_failed_stage_marks_child_and_parent(mlflow_server: MlflowServer,
                                              workspace: Path,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
@@ -119,18 +118,21 @@ def test_failed_stage_marks_child_and_parent(mlflow_server: MlflowServer,  # noq
     assert lineage.read("validate") is None  # no record of a run that did not finish
 
 
-def test_unreachable_server_fails_fast_before_work(workspace: Path,
+def test_unreachable_server_fails_fast_before_work(workspace: Path, loopback_server: Any,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    dead = f"http://127.0.0.1:{free_port()}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", dead)
+    """Fail fast: one health check, answered 503, and not a single MLflow API call or retry
+    (MLflow's own client would retry each call for minutes)."""
+    loopback_server.serve("/health", status=503)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", loopback_server.base_url)
     _pipeline(monkeypatch)
     worked = False
-    started = time.monotonic()
-    with pytest.raises(tracking.TrackingUnavailable, match="did not start"), \
+    with pytest.raises(tracking.TrackingUnavailable, match=r"answered HTTP 503.*did not start"), \
             tracking.stage_run("prepare", {"seed": 0}):
         worked = True
-    assert not worked and time.monotonic() - started < 20
+    assert not worked
+    assert [r.path for r in loopback_server.requests] == ["/health"]
     assert not Path("lineage").exists()
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listening: refused at once
 
     # Through the CLI: one clean line on stderr, exit 1, no traceback.
     result = subprocess.run([sys.executable, "-m", "refinery", "validate"], cwd=workspace,
@@ -142,7 +144,7 @@ def test_unreachable_server_fails_fast_before_work(workspace: Path,
     assert "tracking.on_unreachable: defer" in result.stderr
 
 
-def test_defer_spools_and_replays(mlflow_server: MlflowServer, workspace: Path,  # noqa: F811
+def test_defer_spools_and_replays(mlflow_server: MlflowServer, workspace: Path,
                                   monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
     pid = _pipeline(monkeypatch)
@@ -170,7 +172,7 @@ def test_defer_spools_and_replays(mlflow_server: MlflowServer, workspace: Path, 
 
 
 def test_server_lost_mid_stage_keeps_outputs_and_records(
-        mlflow_server: MlflowServer, workspace: Path,  # noqa: F811
+        mlflow_server: MlflowServer, workspace: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
     proxy = TcpProxy(mlflow_server.port).restore()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", proxy.uri)
@@ -207,7 +209,7 @@ def test_server_lost_mid_stage_keeps_outputs_and_records(
 
 
 def test_model_logging_and_registry_follow_the_channel(
-        mlflow_server: MlflowServer, workspace: Path,  # noqa: F811
+        mlflow_server: MlflowServer, workspace: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Stage code that calls MLflow directly (the evaluate stage registers models) logs
     to the server, or to the spool while deferred, with no change on its side."""

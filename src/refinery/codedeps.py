@@ -40,7 +40,8 @@ def module_file(module: str) -> Path | None:
     return None
 
 
-def _not_results(module: str) -> bool:
+def not_results(module: str) -> bool:
+    """True for a module of :data:`NOT_RESULTS` (or inside one): not a code dependency."""
     return any(module == name or module.startswith(name + ".") or
                module.startswith(name + "_") for name in NOT_RESULTS)
 
@@ -85,7 +86,7 @@ def closure(roots: Iterable[str]) -> set[str]:
     todo = [m for root in roots for m in (*parents(root), root)]
     while todo:
         module = todo.pop()
-        if module in seen or _not_results(module):
+        if module in seen or not_results(module):
             continue
         seen.add(module)
         todo.extend(m for child in direct_imports(module) for m in (*parents(child), child))
