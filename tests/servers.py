@@ -347,13 +347,31 @@ def run(argv: list[str], cwd: Path, env: Mapping[str, str] | None = None, timeou
     return result
 
 
+def _run_state(repo: Path) -> tuple[str, ...]:
+    """What ``dvc repro`` writes: ``dvc.lock`` and every declared output. With
+    ``core.autostage`` DVC stages these in git's index, so "in the index" alone would
+    take a user's run along (CI once failed so: ``make pipeline``, then ``make test``)."""
+    file = repo / "dvc.yaml"
+    declared = yaml.safe_load(file.read_text()) if file.exists() else {}
+    paths = ["dvc.lock"]
+    for stage in (declared or {}).get("stages", {}).values():
+        for kind in ("outs", "metrics", "plots"):
+            for entry in stage.get(kind, []):
+                paths.append(next(iter(entry)) if isinstance(entry, dict) else str(entry))
+    return tuple(path.rstrip("/") for path in paths)
+
+
 def tracked_files(repo: Path = REPO) -> list[str]:
     """What git tracks in ``repo`` (as in the working tree), and nothing else: not the run
-    state a user's ``make pipeline`` leaves (``dvc.lock``, ``metrics/``, ``plots/``), which
-    git ignores or leaves untracked. A new source file needs ``git add`` (``-N`` will do)."""
+    state a user's ``make pipeline`` leaves (``dvc.lock``, ``metrics/``, ``plots/``, models),
+    even where DVC's autostage has put it in the index. A new source file needs ``git add``
+    (``-N`` will do)."""
     listed = subprocess.run(["git", "ls-files", "--cached", "-z"], cwd=repo,
                             capture_output=True, check=True).stdout.decode().split("\0")
-    return [name for name in listed if name and (repo / name).is_file()]
+    state = _run_state(repo)
+    return [name for name in listed
+            if name and (repo / name).is_file()
+            and not any(name == out or name.startswith(out + "/") for out in state)]
 
 
 def workspace_copy(dst: Path, cache: Path | None = None,

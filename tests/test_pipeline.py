@@ -125,10 +125,12 @@ def test_the_real_gate_accepts_refuses_and_promotes_only_a_better_model(
     assert client.get_model_version_by_alias(name, "champion").version == first["version"]
 
     # A weaker champion of the same data set (registered through MLflow's API, as an older
-    # run would have left it): the same models now beat it and are promoted.
+    # run would have left it): the same models now beat it and are promoted. The version's
+    # source is its logged model (``models:/m-...``); the server wants that same model_id.
+    assert champion.source.startswith("models:/m-"), champion.source
     weaker = client.create_model_version(name, champion.source, run_id=champion.run_id,
                                          tags={**champion.tags, "test_accuracy": "0.5"},
-                                         model_id=champion.model_id)
+                                         model_id=champion.source.removeprefix("models:/"))
     client.set_registered_model_alias(name, "champion", weaker.version)
     better = _evaluate(pipeline_run.copy_of(tmp_path / "better"), pipeline_run.env)
     assert better["promote"] is True, better["reasons"]
