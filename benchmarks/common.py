@@ -72,3 +72,17 @@ def machine() -> str:
         device = "no GPU"
     return (f"{platform.machine()}, {os.cpu_count()} CPU cores, {device}, torch "
             f"{torch.__version__}, load {os.getloadavg()[0]:.2f}, {time.strftime('%Y-%m-%d')}")
+
+
+def write_result(name: str, figures: dict[str, Any]) -> Path:
+    """``docs/results/<name>.json``: the figures with the machine, date and commit."""
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
+                            text=True, check=False).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                           capture_output=True, text=True, check=False).stdout.strip()
+    record = {"machine": machine(), "date": time.strftime("%Y-%m-%d"),
+              "commit": commit + ("+uncommitted" if dirty else ""), **figures}
+    path = REPO / "docs" / "results" / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    return path

@@ -519,4 +519,4 @@ def test_stage_is_registered_after_prepare() -> None:
 
     names = [s.name for s in pipeline.STAGES]
     assert names.index("augment") == names.index("prepare") + 1
-    assert pipeline.stage_named("augment").params == ("seed", "augment")
+    assert pipeline.stage_named("augment").params == ("data_seed", "augment")

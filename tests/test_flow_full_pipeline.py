@@ -48,14 +48,33 @@ def test_the_flow_ran_every_stage_of_dvc_yaml_in_order(pipeline_run: PipelineRun
 
 
 def test_the_comparison_states_every_model_and_every_step(pipeline_run: PipelineRun) -> None:
+    """Every model and baseline with its interval; every step with its paired interval and
+    the verdict the interval allows (never a bare difference)."""
     table = (pipeline_run.ws / "reports/evaluate/comparison.md").read_text()
     headline = pipeline_run.json("metrics/evaluate.json")
+    evidence = pipeline_run.json("reports/evaluate/evidence.json")
+    flagged = set(evidence["not_better_than_majority"])
     for row in MODELS:
-        accuracy = 100 * headline[row.name]["accuracy"]
-        assert f"| {row.name} | {accuracy:.2f} |" in table, row.name
+        m = headline[row.name]
+        assert m["accuracy_low"] <= m["accuracy"] <= m["accuracy_high"], row.name
+        label = row.name + (" ⚠ not above majority" if row.name in flagged else "")
+        assert (f"| {label} | {100 * m['accuracy']:.2f} ({100 * m['accuracy_low']:.1f}–"
+                f"{100 * m['accuracy_high']:.1f}) |") in table, row.name
         if row.compared_to:
-            gap = accuracy - 100 * headline[row.compared_to]["accuracy"]
-            assert f"- {row.step}: {row.name} minus {row.compared_to} = {gap:+.1f} " in table
+            d = headline[f"{row.name}_minus_{row.compared_to}"]
+            assert d["accuracy"] == pytest.approx(m["accuracy"]
+                                                  - headline[row.compared_to]["accuracy"])
+            verdict = ("not distinguishable from 0" if d["accuracy_low"] <= 0 <= d["accuracy_high"]
+                       else "distinguishable from 0")
+            assert (f"- {row.step}: {row.name} minus {row.compared_to} = "
+                    f"{100 * d['accuracy']:+.2f} accuracy points (95% CI "
+                    f"{100 * d['accuracy_low']:+.2f} to {100 * d['accuracy_high']:+.2f}: "
+                    f"{verdict})") in table
+    for baseline in ("chance", "majority", "linear_probe"):
+        assert f"| *{baseline}* (baseline) | " in table
+    classes = len(pipeline_run.json("data/prepared/meta.json")["classes"])
+    assert headline["chance"]["accuracy"] == pytest.approx(1 / classes)
+    assert headline["linear_probe"]["accuracy"] > headline["majority"]["accuracy"]
 
 
 def test_the_prefect_summary_artifact_shows_the_comparison_and_links_the_runs(

@@ -45,8 +45,10 @@ def _distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 
 
 def test_every_model_is_well_above_chance(pipeline_run: PipelineRun) -> None:
-    details = pipeline_run.json("reports/evaluate/details.json")
-    assert set(details) == {row.name for row in MODELS}
+    everything = pipeline_run.json("reports/evaluate/details.json")
+    details = {row.name: everything[row.name] for row in MODELS}
+    differences = {f"{r.name}_minus_{r.compared_to}" for r in MODELS if r.compared_to}
+    assert set(everything) == set(details) | differences | {"chance", "majority", "linear_probe"}
     for name, values in details.items():
         assert values["accuracy"] > 0.6, (name, values["accuracy"])  # chance is 0.1
         for key in ("macro_f1", "ece", "accuracy_gaussian_noise", "accuracy_jpeg",
@@ -54,8 +56,12 @@ def test_every_model_is_well_above_chance(pipeline_run: PipelineRun) -> None:
             assert key in values, (name, key)
         assert values["latency_p50_ms"] <= values["latency_p95_ms"]
     headline = pipeline_run.json("metrics/evaluate.json")  # what dvc metrics show compares
-    assert {model: set(values) for model, values in headline.items()} == {
-        model: {"accuracy", "macro_f1", "ece", "file_mb", "latency_p50_ms"} for model in details}
+    assert {model: set(headline[model]) for model in details} == {
+        model: {"accuracy", "accuracy_low", "accuracy_high", "file_mb", "latency_p50_ms"}
+        for model in details}
+    for group in (*differences, "majority", "linear_probe"):  # measured: with an interval
+        assert set(headline[group]) == {"accuracy", "accuracy_low", "accuracy_high"}, group
+    assert set(headline["chance"]) == {"accuracy"}  # expected, not measured
     teacher, student = details["teacher"], details["student"]
     assert student["parameters"] * 5 <= teacher["parameters"]
     pruned, int8 = details["student_pruned"], details[int8_row().name]

@@ -206,7 +206,6 @@ class SslAugParams(Section):
     blur_p: Probability = 0.0
     blur_sigma: tuple[float, float] = (0.1, 2.0)
     blur_kernel: int = Field(3, ge=3, le=63, description="odd Gaussian kernel side in pixels")
-
     @field_validator("blur_kernel")
     @classmethod
     def _odd(cls, value: int) -> int:
@@ -385,6 +384,12 @@ class LatencyParams(Section):
     throughput_iterations: int = Field(10, ge=1, description="timed batches for throughput")
 
 
+class BootstrapParams(Section):
+    resamples: int = Field(1000, ge=100, le=100_000, description="test-set resamples")
+    level: float = Field(0.95, gt=0.5, lt=1.0, description="interval coverage")
+    seed: int = Field(0, ge=0, description="fixed, so every run is scored on the same resamples")
+
+
 class EvaluateParams(Section):
     calibration_bins: int = Field(15, ge=2, le=100)
     batch_size: int = Field(
@@ -392,6 +397,7 @@ class EvaluateParams(Section):
     )
     corruptions: CorruptionParams = CorruptionParams()
     latency: LatencyParams = LatencyParams()
+    bootstrap: BootstrapParams = BootstrapParams()
 
 
 class GateParams(Section):
@@ -417,7 +423,10 @@ class TrackingParams(Section):
 
 
 class Params(Section):
-    seed: int = Field(0, ge=0, le=2**31 - 1)
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="training: init, batch order, views")
+    data_seed: int = Field(0, ge=0, le=2**31 - 1, description=(
+        "data: test split, train/val split, labeled subset, evaluation noise; separate from "
+        "seed, so training seeds reuse the data stages"))
     download: DownloadParams = DownloadParams()
     images: ImageParams = ImageParams()
     validate_: ValidateParams = Field(ValidateParams(), alias="validate")

@@ -109,17 +109,17 @@ def _distilled_images(params: Any, meta: Mapping[str, Any]) -> int:
 
 STAGES: tuple[Stage, ...] = (
     Stage("download", "fetch the source (builtin, CIFAR-10 binary, image-folder archive) "
-          "into data/raw", params=("seed", "download"), deps=(), outs=(P.RAW,),
+          "into data/raw", params=("data_seed", "download"), deps=(), outs=(P.RAW,),
           headline=("train_records", "test_records", "classes")),
     Stage("validate", "build the image manifest and check it with Great Expectations",
           params=("images", "validate"), deps=(P.RAW,), outs=(P.MANIFEST, P.PIXELS),
           headline=("rows", "failed_expectations")),
     Stage("prepare", "split train/val, pick the labeled subset, pack uint8 tensors; check the "
-          "training plan", params=("seed", "images", "prepare"),
+          "training plan", params=("data_seed", "images", "prepare"),
           deps=(P.RAW, P.MANIFEST, P.PIXELS), outs=(P.PREPARED,),
           headline=("train_images", "labeled_images")),
     Stage("augment", "resolve the augmentation policies against the prepared images; preview "
-          "grid", params=("seed", "augment"), deps=(P.PREPARED / "meta.json",
+          "grid", params=("data_seed", "augment"), deps=(P.PREPARED / "meta.json",
                                                       P.PREPARED / "train.pt"),
           outs=(P.AUGMENT,), headline=("ssl_view_gap", "supervised_change")),
     Stage("pretrain", "self-supervised SimCLR pretraining of the teacher backbone (GPU when "
@@ -150,11 +150,12 @@ STAGES: tuple[Stage, ...] = (
           "too much", params=("seed", "quantize"),
           deps=(*_PREPARED, int8_row().source_path),
           outs=(int8_row().path,), headline=("int8_val_acc", "size_reduction")),
-    Stage("evaluate", "score every model on test (accuracy, calibration, robustness, cost); "
-          "registry gate", params=("seed", "evaluate", "registry"),
-          deps=(P.PREPARED / "meta.json", P.PREPARED / "test.pt",
-                *(row.path for row in MODELS)), outs=(),
-          headline=("accuracy", "macro_f1", "ece", "file_mb", "latency_p50_ms"),
+    Stage("evaluate", "score every model and the baselines (chance, majority, linear probe on "
+          "the pretrained features) on test, with bootstrap intervals; registry gate",
+          params=("data_seed", "evaluate", "registry"),
+          deps=(*_PREPARED, P.PREPARED / "test.pt", P.PRETRAINED, *(row.path for row in MODELS)),
+          outs=(),
+          headline=("accuracy", "accuracy_low", "accuracy_high", "file_mb", "latency_p50_ms"),
           plots=(PlotFile(P.PLOTS / "evaluate", {"template": "confusion", "x": "actual",
                                                  "y": "predicted"}),)),
 )

@@ -195,6 +195,6 @@ def main(params: Params, args: argparse.Namespace) -> None:
     declared = stage_named("augment")
     with stage.tracked(declared, params) as run:
         result = augment(params.augment, prepared_dir=paths.PREPARED, out_dir=paths.AUGMENT,
-                         seed=params.seed)
+                         seed=params.data_seed)
         stage.finish(declared, run, result.metrics(),
                      artifacts=[result.policies_path, result.preview_path])

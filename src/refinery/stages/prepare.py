@@ -325,7 +325,8 @@ def main(params: Params, args: argparse.Namespace) -> None:
     training plan is checked against the new data before anything is written."""
     declared = stage_named("prepare")
     with stage.tracked(declared, params) as run:
-        result = prepare(params.prepare, images=params.images, seed=params.seed, raw_dir=paths.RAW,
+        result = prepare(params.prepare, images=params.images, seed=params.data_seed,
+                         raw_dir=paths.RAW,
                          manifest_path=paths.MANIFEST, out_dir=paths.PREPARED,
                          pixels_path=paths.PIXELS,
                          check=lambda meta: stage.check_plan(params, run, meta))

@@ -141,6 +141,6 @@ def main(params: Params, args: argparse.Namespace) -> None:
     declared = stage_named("download")
     with stage.tracked(declared, params) as run:
         result = download(params.download, out_dir=paths.RAW, cache_dir=paths.DOWNLOAD_CACHE,
-                          seed=params.seed)
+                          seed=params.data_seed)
         run.set_tags({"refinery.source": result.source, "refinery.source_sha256": result.sha256})
         stage.finish(declared, run, result.metrics(), artifacts=[paths.RAW / "dataset.json"])

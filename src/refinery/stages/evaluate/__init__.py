@@ -2,7 +2,12 @@
 
 Rows: :data:`refinery.pipeline.MODELS`, in order (the scratch baseline, the
 fine-tuned teacher, the distilled student, the int8 student, ...). Each gets
-accuracy, macro P/R/F1, calibration, robustness to corruptions and its cost.
+accuracy, macro P/R/F1, calibration, robustness to corruptions and its cost,
+and the baselines every model must beat (chance, majority class, a linear
+probe on the frozen pretrained features) share the table. Each accuracy and
+macro F1 carries a bootstrap interval, and each declared comparison a paired
+one (:mod:`.evidence`), so one run's difference is stated with its
+uncertainty, never as a bare fact.
 Costs are stated as measured: fp32 models run eagerly (as ``load_model`` gives
 them), int8 programs run compiled to oneDNN int8 kernels (what they are for);
 an int8 row's fp32 source is also timed compiled, so the int8 speed-up is not
@@ -21,16 +26,19 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from refinery import fsutil, models, paths, stage
 from refinery.formats import int8 as int8_format
-from refinery.formats.prepared import load_split
+from refinery.formats.prepared import load_prepared, load_split
 from refinery.params import EvaluateParams, Params
 from refinery.pipeline import MODELS, ModelRow, int8_row, stage_named
-from refinery.scoring import predict_logits
+from refinery.stages.evaluate import baselines
 from refinery.stages.evaluate import cost as cost_lib
+from refinery.stages.evaluate.evidence import Evidence, gather
 from refinery.stages.evaluate.report import ModelReport, comparison_table, evaluate_model
+from refinery.stages.evaluate.uncertainty import Bootstrap
 
 log = logging.getLogger(__name__)
 
@@ -39,12 +47,16 @@ class EvaluateResult:
     reports: dict[str, ModelReport]
     compiled_latency_ms: dict[str, float]  # fp32 sources of int8 rows, timed compiled
     table_markdown: str
+    evidence: Evidence
 
     def metrics(self) -> dict[str, dict[str, float]]:
-        """Nested per model, the form ``dvc metrics`` shows side by side."""
+        """Nested per model, baseline and difference: the form ``dvc metrics`` shows side
+        by side (``<model>.accuracy_low``/``_high``, ``teacher_minus_scratch.accuracy``)."""
         out = {name: report.metrics() for name, report in self.reports.items()}
         for name, latency in self.compiled_latency_ms.items():
             out[name]["latency_p50_ms_compiled"] = latency
+        for name, values in self.evidence.metrics().items():
+            out.setdefault(name, {}).update(values)
         return out
 
     def headline(self) -> dict[str, float]:
@@ -99,20 +111,25 @@ def _gpu_predict(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tenso
     return run
 
 
-def write_prediction_plots(name: str, logits: torch.Tensor, labels: torch.Tensor,
+def write_prediction_plots(name: str, predictions: np.ndarray, labels: torch.Tensor,
                            classes: list[str], plots_dir: Path) -> Path:
     """``actual,predicted`` rows for DVC's confusion-matrix template."""
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(["actual", "predicted"])
-    for actual, predicted in zip(labels.tolist(), logits.argmax(dim=1).tolist(), strict=True):
+    for actual, predicted in zip(labels.tolist(), predictions.tolist(), strict=True):
         writer.writerow([classes[actual], classes[predicted]])
     return fsutil.write_text(plots_dir / f"confusion_{name}.csv", buffer.getvalue())
 
 
 def evaluate(p: EvaluateParams, *, seed: int, prepared_dir: Path, rows: Sequence[ModelRow],
-             out_dir: Path, plots_dir: Path) -> EvaluateResult:
-    """Score every model row on the test split; write per-model reports and the comparison."""
+             out_dir: Path, plots_dir: Path, pretrained_dir: Path | None = None
+             ) -> EvaluateResult:
+    """Score every model row and the baselines on the test split; write per-model reports,
+    the comparison (``comparison.md``/``.csv``) and its intervals (``evidence.json``).
+
+    ``pretrained_dir`` (a backbone saved without a head) adds the linear-probe baseline.
+    """
     test = load_split(prepared_dir / "test.pt")
     classes = list(json.loads((prepared_dir / "meta.json").read_text())["classes"])
     shape = tuple(int(d) for d in test.images.shape[1:])
@@ -139,30 +156,58 @@ def evaluate(p: EvaluateParams, *, seed: int, prepared_dir: Path, rows: Sequence
         reports[row.name] = evaluate_model(
             predict, test.images, test.labels, classes, p, out_dir, row.name, seed=seed,
             cost_predict=cost_predict, parameters=parameters, file=row.file, gpu_predict=gpu)
-        write_prediction_plots(row.name, predict_logits(predict, test.images, p.batch_size),
-                               test.labels, classes, plots_dir)
-    markdown, csv_text = comparison_table(list(reports.values()))
-    note = _cost_note(rows, reports, compiled_ms, p)
-    fsutil.write_text(out_dir / "comparison.md", markdown + "\n" + note)
+        write_prediction_plots(row.name, reports[row.name].predictions, test.labels, classes,
+                               plots_dir)
+    evidence = _evidence(p, prepared_dir, pretrained_dir, rows, reports, len(classes))
+    for name in evidence.not_better_than_majority:
+        log.warning("evaluate: %s is not better than the majority baseline (%.2f%% vs %.2f%%)",
+                    name, 100 * reports[name].accuracy,
+                    100 * evidence.accuracy["majority"].estimate)
+    markdown, csv_text = comparison_table(list(reports.values()), evidence)
+    text = markdown + evidence.markdown() + _cost_note(rows, reports, compiled_ms, p)
+    fsutil.write_text(out_dir / "comparison.md", text)
     fsutil.write_text(out_dir / "comparison.csv", csv_text)
-    return EvaluateResult(reports, compiled_ms, markdown + "\n" + note)
+    fsutil.write_json(out_dir / "evidence.json", evidence.to_json())
+    return EvaluateResult(reports, compiled_ms, text, evidence)
+
+
+def _evidence(p: EvaluateParams, prepared_dir: Path, pretrained_dir: Path | None,
+              rows: Sequence[ModelRow], reports: dict[str, ModelReport],
+              classes: int) -> Evidence:
+    """Baselines, then every interval on one shared set of bootstrap resamples."""
+    data = load_prepared(prepared_dir)
+    test_labels = data.test.labels.numpy()
+    labeled_images = data.train.images[data.labeled]
+    labeled_labels = data.train.labels[data.labeled].numpy()
+    rows_ = [baselines.chance(test_labels, classes),
+             baselines.majority(labeled_labels, test_labels, classes)]
+    if pretrained_dir is not None:
+        log.info("evaluate: linear probe on the frozen pretrained features")
+        rows_.append(baselines.linear_probe(pretrained_dir, labeled_images, labeled_labels,
+                                            data.test.images, p.batch_size, p.bootstrap.seed))
+    boot = Bootstrap(len(test_labels), p.bootstrap.resamples, p.bootstrap.seed,
+                     p.bootstrap.level)
+    comparisons = [(row.name, row.compared_to, row.step) for row in rows
+                   if row.compared_to is not None and row.compared_to in reports]
+    return gather(boot, test_labels, classes,
+                  {name: r.predictions for name, r in reports.items()
+                   if r.predictions is not None},
+                  rows_, comparisons, seed=p.bootstrap.seed)
 
 
 def _cost_note(rows: Sequence[ModelRow], reports: dict[str, ModelReport],
                compiled_ms: dict[str, float], p: EvaluateParams) -> str:
-    """Plain sentences under the table: what each step cost and bought."""
+    """Plain sentences under the table: what each step cost (what it bought, with its
+    interval, is in :meth:`Evidence.markdown`)."""
     lines = ["", f"CPU latency at batch 1 with {p.latency.threads} thread(s); fp32 rows run "
              "eagerly, int8 rows run compiled (oneDNN int8 kernels)."]
     for row in rows:
-        if row.compared_to is None:
+        if row.compared_to is None or row.compared_to not in reports:
             continue
-        new, old = reports[row.name], reports[row.compared_to]
-        line = (f"- {row.step}: {row.name} minus {row.compared_to} = "
-                f"{100 * (new.accuracy - old.accuracy):+.1f} accuracy points")
-        if new.cost.parameters and old.cost.parameters and \
-                new.cost.parameters < old.cost.parameters:
-            line += f", with {old.cost.parameters / new.cost.parameters:.1f}x fewer parameters"
-        lines.append(line + ".")
+        new, old = reports[row.name].cost.parameters, reports[row.compared_to].cost.parameters
+        if new and old and new < old:
+            lines.append(f"- {row.step}: {row.name} has {old / new:.1f}x fewer parameters "
+                         f"than {row.compared_to}.")
     for row in rows:
         source = reports.get(row.source or "")
         int8_latency = reports[row.name].cost.latency
@@ -184,10 +229,13 @@ def main(params: Params, args: argparse.Namespace) -> None:
     declared = stage_named("evaluate")
     deployable = int8_row()
     with stage.tracked(declared, params) as run:
-        result = evaluate(params.evaluate, seed=params.seed, prepared_dir=paths.PREPARED,
+        result = evaluate(params.evaluate, seed=params.data_seed, prepared_dir=paths.PREPARED,
                           rows=MODELS, out_dir=declared.reports,
-                          plots_dir=paths.PLOTS / "evaluate")
-        stage.finish(declared, run, result.metrics())
+                          plots_dir=paths.PLOTS / "evaluate", pretrained_dir=paths.PRETRAINED)
+        flagged = result.evidence.not_better_than_majority
+        stage.finish(declared, run, result.metrics(), warnings=[
+            f"{name} is not better than the majority baseline" for name in flagged])
+        run.set_tags({"refinery.not_better_than_majority": ",".join(flagged) or "none"})
         test = load_split(paths.PREPARED / "test.pt")
         int8_report = result.reports[deployable.name]
         registry.register(

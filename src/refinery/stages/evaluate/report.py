@@ -23,8 +23,9 @@ import io
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from refinery import fsutil, scoring
@@ -32,6 +33,9 @@ from refinery.params import EvaluateParams
 from refinery.scoring import Predict, predict_logits
 from refinery.stages.evaluate import corruptions, metrics
 from refinery.stages.evaluate.cost import Cost, measure_cost
+
+if TYPE_CHECKING:
+    from refinery.stages.evaluate.evidence import Evidence
 
 
 def batch_seed(seed: int, batch_index: int) -> int:
@@ -52,6 +56,8 @@ class ModelReport:
     images: int
     cost: Cost = field(default_factory=Cost)
     directory: Path | None = None
+    # the predicted class of every clean test image, for the bootstrap and the plots
+    predictions: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def metrics(self) -> dict[str, float]:
         """Flat numbers for metrics files and experiment tracking (accuracies 0..1)."""
@@ -129,6 +135,7 @@ def evaluate_model(
         macro_recall=scores.macro_recall, macro_f1=scores.macro_f1, ece=cal.ece,
         corruption_accuracy=robust, per_class=scores.per_class,
         images=int(labels.shape[0]), cost=cost, directory=target,
+        predictions=logits.argmax(dim=1).numpy(),
     )
     with fsutil.atomic_dir(target) as tmp:
         fsutil.write_json(tmp / "metrics.json", report.metrics())
@@ -144,7 +151,8 @@ def evaluate_model(
 # ---------------------------------------------------------------- comparison
 
 
-def _columns(reports: list[ModelReport]) -> list[tuple[str, Callable[[ModelReport], Any], str]]:
+def _columns(reports: list[ModelReport], level: float | None
+             ) -> list[tuple[str, Callable[[ModelReport], Any], str]]:
     """(header, value getter, format) per column; formats apply to the markdown only."""
     names: list[str] = []
     for report in reports:
@@ -158,9 +166,10 @@ def _columns(reports: list[ModelReport]) -> list[tuple[str, Callable[[ModelRepor
             return node
         return read
 
+    ci = "" if level is None else f" ({level:.0%} CI)"
     columns: list[tuple[str, Callable[[ModelReport], Any], str]] = [
-        ("accuracy %", lambda r: 100 * r.accuracy, ".2f"),
-        ("macro F1 %", lambda r: 100 * r.macro_f1, ".2f"),
+        (f"accuracy %{ci}", lambda r: 100 * r.accuracy, ".2f"),
+        (f"macro F1 %{ci}", lambda r: 100 * r.macro_f1, ".2f"),
         ("ECE", lambda r: r.ece, ".4f"),
     ]
     for key in names:
@@ -184,23 +193,62 @@ def _pct(value: float | None) -> float | None:
     return None if value is None else 100 * value
 
 
-def comparison_table(reports: list[ModelReport]) -> tuple[str, str]:
-    """All models side by side: ``(markdown, csv)``; rows are models.
+def comparison_table(reports: list[ModelReport], evidence: Evidence | None = None
+                     ) -> tuple[str, str]:
+    """All models side by side, then the baselines: ``(markdown, csv)``; rows are models.
 
-    Markdown rounds for reading; the CSV keeps full precision. A figure that
-    was not measured for a model is blank (CSV) or an en dash (markdown).
+    Markdown rounds for reading and puts each accuracy and macro F1 next to its
+    interval; the CSV keeps full precision, intervals in ``_low``/``_high``
+    columns. A figure that was not measured is blank (CSV) or an en dash
+    (markdown). With ``evidence``, a model not better than the majority
+    baseline is marked in its name cell.
     """
-    columns = _columns(reports)
+    columns = _columns(reports, None if evidence is None else evidence.level)
     headers = ["model", *(c[0] for c in columns)]
+    csv_headers = ["model", "accuracy %", "macro F1 %",
+                   "accuracy % low", "accuracy % high", "macro F1 % low", "macro F1 % high",
+                   *(c[0] for c in columns[2:])] if evidence else headers
     md_rows = ["| " + " | ".join(headers) + " |",
                "|" + "|".join(["---"] + ["---:"] * len(columns)) + "|"]
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(headers)
+    writer.writerow(csv_headers)
+    flagged = set(evidence.not_better_than_majority) if evidence else set()
+
+    def interval_cells(name: str) -> list[Any]:
+        if evidence is None:
+            return []
+        acc, f1 = evidence.accuracy.get(name), evidence.macro_f1.get(name)
+        return [None if i is None else 100 * getattr(i, side)
+                for i in (acc, f1) for side in ("low", "high")]
+
     for report in reports:
         values = [getter(report) for _, getter, _ in columns]
         cells = ["–" if v is None else format(v, fmt) for v, (_, _, fmt) in zip(values, columns,
                                                                              strict=True)]
-        md_rows.append("| " + " | ".join([report.name, *cells]) + " |")
-        writer.writerow([report.name, *("" if v is None else v for v in values)])
+        bounds = interval_cells(report.name)
+        for index in (0, 1):  # the accuracy and macro F1 columns
+            if bounds and bounds[2 * index] is not None:
+                cells[index] += f" ({bounds[2 * index]:.1f}–{bounds[2 * index + 1]:.1f})"
+        label = report.name + (" ⚠ not above majority" if report.name in flagged else "")
+        md_rows.append("| " + " | ".join([label, *cells]) + " |")
+        row = [report.name, *("" if v is None else v for v in values)]
+        if evidence:
+            row[3:3] = ["" if b is None else b for b in bounds]
+        writer.writerow(row)
+    for baseline in evidence.baselines if evidence else ():
+        acc, f1 = evidence.accuracy.get(baseline.name), evidence.macro_f1.get(baseline.name)
+        if acc is not None and f1 is not None:
+            main = [100 * acc.estimate, 100 * f1.estimate]
+            shown = [f"{100 * i.estimate:.2f} ({100 * i.low:.1f}–{100 * i.high:.1f})"
+                     for i in (acc, f1)]
+            bounds: list[Any] = [100 * acc.low, 100 * acc.high, 100 * f1.low, 100 * f1.high]
+        else:  # chance: expected values, nothing was measured
+            main = [100 * float(baseline.expected_accuracy or 0),
+                    100 * float(baseline.expected_macro_f1 or 0)]
+            shown = [f"{v:.2f} (expected)" for v in main]
+            bounds = ["", "", "", ""]
+        md_rows.append("| " + " | ".join([f"*{baseline.name}* (baseline)", *shown,
+                                          *(["–"] * (len(columns) - 2))]) + " |")
+        writer.writerow([baseline.name, *main, *bounds, *([""] * (len(columns) - 2))])
     return "\n".join(md_rows) + "\n", buffer.getvalue()
