@@ -10,16 +10,15 @@ the flow walks the stages itself, in ``dvc.yaml``'s order.
 from __future__ import annotations
 
 import logging
-import os
 import re
-import shutil
 import subprocess
-import sys
 import time
 from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+
+from refinery.dvctools import dvc_executable
 
 # The CLI's one-line errors: "refinery <stage>: <message>" and, for params,
 # "refinery: <file> is invalid:" followed by indented lines naming each key. A stage
@@ -48,25 +47,6 @@ class StageResult:
     stage: str
     dvc: str  # what DVC did: ran | restored from run-cache | up to date | unknown
     seconds: float
-
-
-def tool_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The environment for DVC: this interpreter's ``bin`` first, so the stages'
-    ``python -m refinery`` is the same install as the flow's, and no telemetry."""
-    env = dict(os.environ)
-    bin_dir = str(Path(sys.executable).parent)
-    env["PATH"] = os.pathsep.join([bin_dir, env.get("PATH", "")])
-    env.setdefault("DVC_NO_ANALYTICS", "1")
-    env.setdefault("DO_NOT_TRACK", "1")
-    env.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    env.setdefault("PYTHONUNBUFFERED", "1")
-    env.update(extra or {})
-    return env
-
-
-def dvc_executable() -> str:
-    beside = Path(sys.executable).parent / "dvc"
-    return str(beside) if beside.exists() else (shutil.which("dvc") or "dvc")
 
 
 def error_message(lines: Iterable[str], returncode: int) -> tuple[str, bool]:

@@ -28,8 +28,9 @@ from prefect.runtime import flow_run
 from prefect.tasks import exponential_backoff
 
 from pipelines import dvcfile, params_override, report
-from pipelines.dvc_runner import StageFailed, reproduce, tool_env
+from pipelines.dvc_runner import StageFailed, reproduce
 from refinery import tracking
+from refinery.dvctools import tool_env
 
 FLOW_NAME = "refinery-pipeline"
 #: Stages that touch the network: retried with exponential backoff.

@@ -52,6 +52,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="send runs spooled while the MLflow server was unreachable (tracking.on_unreachable)",
     )
     sync.set_defaults(_sync=True)
+    seeds = sub.add_parser(
+        "seeds",
+        help="run the pipeline for several training seeds as DVC experiments (data seed "
+             "fixed) and summarise them: mean, std, paired differences with t-intervals")
+    seeds.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], metavar="S")
+    seeds.add_argument("-j", "--jobs", type=int, default=2,
+                       help="seeds trained at once (each with cpus/jobs threads)")
+    seeds.add_argument("--name", help="experiment names are <name>-seed<S> "
+                       "(default: seeds-<date>-<time>)")
+    seeds.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="a params override for every seed (repeatable)")
+    seeds.add_argument("--existing", action="store_true",
+                       help="only summarise experiments <name>-seed<S> that exist already "
+                            "(e.g. run on other machines and fetched with dvc exp pull)")
+    seeds.set_defaults(_seeds=True)
     dvc_yaml = sub.add_parser(
         "dvc-yaml", help="write dvc.yaml from the stage declarations (src/refinery/pipeline.py)")
     dvc_yaml.add_argument("--check", action="store_true",
@@ -74,6 +89,16 @@ def main(argv: list[str] | None = None) -> int:
         return _apply_profile(args)
     if getattr(args, "_dvc_yaml", False):
         return _dvc_yaml(args.check)
+    if getattr(args, "_seeds", False):
+        from refinery.seeds import command
+
+        try:
+            return command(args)
+        except RefineryError as exc:
+            if args.debug:
+                raise
+            print(f"refinery seeds: {exc}", file=sys.stderr)
+            return 2 if isinstance(exc, ParamsError) else 1
     from refinery.params import load_params
     from refinery.pipeline import run, stage_for_command
 

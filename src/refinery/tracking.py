@@ -429,6 +429,44 @@ def _record(channel: Channel, experiment: str, context: RunContext, parent: RunR
     )
 
 
+@dataclass
+class SeedsRecord:
+    run_id: str
+    url: str | None
+    children: dict[str, str]  # DVC experiment name -> its pipeline parent run
+    missing: list[str]  # experiments whose pipeline run was not found (e.g. spooled)
+
+
+def record_seeds(experiment: str, name: str, *, params: Mapping[str, Any],
+                 metrics: Mapping[str, float], artifacts: Sequence[Path],
+                 experiments: Sequence[str]) -> SeedsRecord:
+    """One parent run for a multi-seed run: the summary's numbers and files, and the seeds'
+    pipeline runs (found by their DVC experiment name) moved under it as its children.
+
+    Runs after every seed has finished, so the server must be up (the seeds' own
+    runs may have been spooled, and are then listed as ``missing``).
+    """
+    channel = Channel.open("fail", "recording the seeds")
+    exp_id = channel.remote_experiment(experiment)
+    tags = {ROLE_TAG: "seeds", "refinery.seeds_name": name, "mlflow.runName": f"seeds {name}",
+            "refinery.dvc_experiments": ",".join(experiments),
+            "mlflow.source.git.commit": git_commit() or ""}
+    ref = channel.create_run(experiment, {k: v for k, v in tags.items() if v}, f"seeds {name}")
+    channel.log_batch(ref, metrics=_metric_items(metrics), params=_param_items(params))
+    for artifact in artifacts:
+        channel.call(ref, "log_artifact", str(artifact), "seeds")
+    children: dict[str, str] = {}
+    for dvc_experiment in experiments:
+        query = (f"tags.`refinery.dvc_experiment` = '{dvc_experiment}' and "
+                 f"tags.`{ROLE_TAG}` = 'pipeline'")
+        for run in channel.remote.search_runs([exp_id], query):
+            channel.remote.set_tag(run.info.run_id, "mlflow.parentRunId", ref.remote_id)
+            children[dvc_experiment] = run.info.run_id
+    channel.call(ref, "set_terminated", status="FINISHED")
+    return SeedsRecord(ref.remote_id or ref.id, run_url(exp_id, ref.remote_id or "", channel.uri),
+                       children, [e for e in experiments if e not in children])
+
+
 def sync_spool(uri: str | None = None, root: Path | None = None) -> ReplayReport:
     """Replay the spool now; raise :class:`TrackingUnavailable` if the server is still down."""
     channel = Channel(uri, root)
