@@ -248,6 +248,11 @@ def ssl_reference(policy: SslPolicy, images: torch.Tensor, p) -> torch.Tensor:
         if p.blur[i] and policy.blur_p > 0:
             s = float(p.sigma[i])
             x = F.gaussian_blur(x, [policy.blur_kernel] * 2, [s, s])
+        if policy.rotate_deg > 0:  # RandomAffine(degrees=rotate_deg), bilinear, zeros outside
+            x = F.affine(x, angle=float(p.angle[i]), translate=[0, 0], scale=1.0,
+                         shear=[0.0, 0.0], interpolation=InterpolationMode.BILINEAR)
+        if policy.noise_std > 0:
+            x = (x + policy.noise_std * p.noise[i]).clamp(0.0, 1.0)
         out.append(x)
     return torch.stack(out)
 
@@ -271,6 +276,30 @@ def test_ssl_views_are_simclr_per_image(images: torch.Tensor, selection: bool) -
                                atol=1e-5, rtol=0)
     torch.testing.assert_close(second, ssl_reference(policy, images, params.second),
                                atol=1e-5, rtol=0)
+
+
+def test_ssl_rotation_and_noise_are_torchvisions_affine_plus_noise(images: torch.Tensor,
+                                                                  selection: bool) -> None:
+    policy = ssl_policy(images.shape[1], rotate_deg=30.0, noise_std=0.1)
+    params = policy.sample(len(images), gen(9))
+    assert params.first.angle.abs().max() <= 30.0 and params.first.angle.std() > 5.0
+    first, second = policy.apply(images, params)
+    torch.testing.assert_close(first, ssl_reference(policy, images, params.first),
+                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(second, ssl_reference(policy, images, params.second),
+                               atol=1e-5, rtol=0)
+
+
+def test_gray_images_get_rotation_and_noise_by_default_rgb_keeps_simclrs_views() -> None:
+    for channels, rotation, noise in ((1, 15.0, 0.05), (3, 0.0, 0.0)):
+        meta = {"size": 8, "channels": channels, "classes": ["a", "b"], "mean": [0.5] * channels}
+        _, ssl = resolve(AugmentParams(), meta)
+        assert (ssl.rotate_deg, ssl.noise_std) == (rotation, noise)
+    meta = {"size": 8, "channels": 1, "classes": ["a", "b"], "mean": [0.5]}
+    _, ssl = resolve(AugmentParams(ssl={"rotate_deg": 5, "noise_std": 0}), meta)
+    assert (ssl.rotate_deg, ssl.noise_std) == (5.0, 0.0)
+    with pytest.raises(ParamsError, match=r"augment\.ssl\.rotate_deg"):
+        parse_params({"augment": {"ssl": {"rotate_deg": 200}}})
 
 
 @pytest.mark.parametrize("crop", ["translate", "resized"])

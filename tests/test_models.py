@@ -20,6 +20,7 @@ def _config(arch: str, size: int, channels: int = 3, **extra: object) -> models.
 @pytest.mark.parametrize(("arch", "size", "channels"), [
     ("resnet18", 8, 1), ("resnet18", 32, 3), ("resnet18", 96, 3), ("resnet34", 32, 3),
     ("resnet50", 16, 1), ("student", 8, 1), ("student", 32, 3), ("student", 64, 3),
+    ("compact", 8, 1), ("compact", 32, 3),
 ])
 def test_every_arch_takes_its_input_size(arch: str, size: int, channels: int) -> None:
     model = models.build_model(_config(arch, size, channels)).eval()
@@ -32,6 +33,17 @@ def test_student_is_much_smaller_than_the_teacher() -> None:
     teacher = models.build_model(_config("resnet18", 32))
     student = models.build_model(_config("student", 32, width=32, depth=(2, 2, 2)))
     assert models.parameter_count(teacher) >= 5 * models.parameter_count(student)
+
+
+def test_auto_picks_the_compact_teacher_for_small_images() -> None:
+    assert models.teacher_arch("auto", 8) == models.teacher_arch("auto", 16) == "compact"
+    assert models.teacher_arch("auto", 32) == "resnet18"
+    assert models.teacher_arch("resnet34", 8) == "resnet34"  # a named arch is kept
+    compact = models.parameter_count(models.build_model(_config("compact", 8, 1)))
+    student = models.parameter_count(models.build_model(_config("student", 8, 1, width=32,
+                                                               depth=(2, 2, 2))))
+    resnet = models.parameter_count(models.build_model(_config("resnet18", 8, 1)))
+    assert 3 * student < compact < resnet / 3  # between the student and a ResNet-18
 
 
 def test_save_and_load_round_trip(tmp_path: Path) -> None:
@@ -72,3 +84,30 @@ def test_an_architecture_is_registered_once() -> None:
         models.register_model("resnet18")(lambda config: (torch.nn.Identity(), 1))
     with pytest.raises(ValueError, match="unknown model arch 'nope'"):
         models.build_model(_config("nope", 8, 1))
+
+
+def test_lpft_fits_the_head_to_the_frozen_features() -> None:
+    """LP-FT's first step: a head that separates what the frozen features separate."""
+    from refinery.stages.finetune import fit_head
+
+    torch.manual_seed(0)
+    model = models.build_model(_config("student", 8, 1, width=8, depth=(1, 1)))
+    images = torch.randint(0, 256, (400, 1, 8, 8), dtype=torch.uint8)
+    with torch.no_grad():
+        model.eval()
+        features = model.features(images.float() / 255)
+    score = features @ torch.randn(features.shape[1])
+    score = (score - score.median()) / score.std()
+    keep = score.abs() > 0.5  # linearly separable with a margin
+    images, labels = images[keep], (score[keep] > 0).long()
+    backbone_before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    model.train()
+    accuracy = fit_head(model, images, labels)
+    assert accuracy >= 0.95
+    assert model.training  # restored
+    assert all(torch.equal(v, model.backbone.state_dict()[k])  # the backbone is untouched
+               for k, v in backbone_before.items())
+    with torch.no_grad():
+        model.eval()
+        predicted = model(images.float() / 255).argmax(1)
+    assert (predicted == labels).float().mean() == pytest.approx(accuracy)

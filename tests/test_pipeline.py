@@ -185,4 +185,5 @@ def test_the_champion_loads_in_a_fresh_process_and_predicts_as_the_program(
     assert torch.equal(fresh.argmax(1), here.argmax(1))  # the same model, exactly
     torch.testing.assert_close(fresh, here, rtol=0, atol=1e-6)
     teacher = models.load_model(ws / "models/teacher")
-    assert teacher.config.arch == SETTINGS.get("model.teacher.arch", "resnet18")
+    assert teacher.config.arch == models.teacher_arch(SETTINGS.get("model.teacher.arch", "auto"),
+                                                      teacher.config.image_size)

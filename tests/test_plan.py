@@ -87,9 +87,18 @@ def test_the_plan_of_a_small_photo_set_adapts_and_says_so() -> None:
     assert plan.schedules["pretrain"].batch == 54
     assert plan.schedules["finetune"].batch == 5  # 22 labeled // 4
     assert plan.schedules["finetune"].total_steps == 4 * params.finetune.epochs
-    # pretraining 32 steps, distillation 80, pruning's recovery 40: each says so, and how
-    assert [w.split(" runs only")[0] for w in plan.warnings] == ["pretrain", "distill", "prune"]
-    assert f"set pretrain.min_steps: {FEW_STEPS} (or pretrain.epochs: 25)" in plan.warnings[0]
+    # the default step floors lift pretraining (8 epochs = 32 steps), distillation (80) and
+    # pruning's recovery (40) to a working length; nothing is left under FEW_STEPS
+    assert plan.schedules["pretrain"].total_steps >= params.pretrain.min_steps >= FEW_STEPS
+    assert plan.schedules["distill"].total_steps >= FEW_STEPS
+    assert plan.schedules["prune"].total_steps >= FEW_STEPS
+    assert plan.warnings == []
+    short = check_plan(repo_params({"images.side": 64, "images.channels": 3,
+                                    "pretrain.min_steps": 0, "distill.min_steps": 0,
+                                    "prune.min_steps": 0}), _meta(219, 22, side=64, channels=3))
+    # without the floors, each says so, and how to fix it
+    assert [w.split(" runs only")[0] for w in short.warnings] == ["pretrain", "distill", "prune"]
+    assert f"set pretrain.min_steps: {FEW_STEPS} (or pretrain.epochs: 25)" in short.warnings[0]
 
 
 def test_every_problem_of_the_plan_is_reported_at_once() -> None:

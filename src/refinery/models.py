@@ -226,12 +226,71 @@ def _student_backbone(config: ModelConfig) -> tuple[nn.Module, int]:
     return backbone, backbone.out_dim
 
 
+#: The compact teacher: the student's family at twice the default student's width
+#: (64, 128, 256 channels; 2.8M parameters, 4x the student), no stem downsampling.
+COMPACT_WIDTH, COMPACT_DEPTH = 64, (2, 2, 2)
+
+
+@register_model("compact")
+def _compact_backbone(config: ModelConfig) -> tuple[nn.Module, int]:
+    backbone = StudentBackbone(config.in_channels, COMPACT_WIDTH, COMPACT_DEPTH)
+    return backbone, backbone.out_dim
+
+
+#: ``model.teacher.arch: auto`` picks ``compact`` up to this image side, ``resnet18`` above.
+#: A ResNet-18 on 8x8 digits spends most of its 11M parameters' work on 1x1 maps; the
+#: compact network trains several times faster there, so the CPU default can pretrain
+#: long enough to matter.
+AUTO_COMPACT_MAX_SIDE = 16
+
+
+def teacher_arch(arch: str, image_size: int) -> str:
+    """The architecture ``model.teacher.arch`` names, with ``auto`` resolved by image side."""
+    if arch != "auto":
+        return arch
+    return "compact" if image_size <= AUTO_COMPACT_MAX_SIDE else "resnet18"
+
+
 def build_model(config: ModelConfig) -> ImageClassifier:
     """The registered architecture ``config.arch``, with its normalization and head."""
     if config.arch not in _BACKBONES:
         raise ValueError(f"unknown model arch {config.arch!r}; expected one of {available()}")
     backbone, dim = _BACKBONES[config.arch](config)
     return ImageClassifier(backbone, dim, config)
+
+
+def load_backbone_weights(backbone: nn.Module, state: dict[str, torch.Tensor],
+                          source: str) -> list[str]:
+    """Copy a published state dict into ``backbone``; return the keys it did not use.
+
+    Keys are the backbone's own (a torchvision ResNet's: ``conv1.weight``,
+    ``layer1.0.bn1.running_mean``...); a ``backbone.`` prefix (this project's
+    own saved models) is accepted, and a classification head (``fc.*``,
+    ``head.*``) is dropped: it was trained for other classes. Every missing
+    key and every shape that does not fit is named at once, with what to change.
+    """
+    state = {k.removeprefix("backbone."): v for k, v in state.items()}
+    own = backbone.state_dict()
+    dropped = [k for k in state if k.split(".")[0] in ("fc", "head") and k not in own]
+    unknown = [k for k in state if k not in own and k not in dropped]
+    missing = [k for k in own if k not in state]
+    mismatched = [f"{k}: {tuple(state[k].shape)} in the file, {tuple(own[k].shape)} in the "
+                  "teacher" for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unknown or mismatched:
+        lines = [f"model.teacher.weights ({source}) do not fit the teacher:"]
+        lines += [f"  shape {line}" for line in mismatched]
+        if missing:
+            lines.append(f"  missing: {', '.join(missing[:8])}"
+                         + (f" (+{len(missing) - 8} more)" if len(missing) > 8 else ""))
+        if unknown:
+            lines.append(f"  not in the teacher: {', '.join(unknown[:8])}"
+                         + (f" (+{len(unknown) - 8} more)" if len(unknown) > 8 else ""))
+        if any(line.startswith("conv1.") for line in mismatched):
+            lines.append("  ImageNet weights need images.channels: 3 and "
+                         "model.teacher.stem: imagenet (a 7x7 stride-2 stem)")
+        raise ValueError("\n".join(lines))
+    backbone.load_state_dict({k: v for k, v in state.items() if k in own})
+    return dropped
 
 
 def parameter_count(model: nn.Module) -> int:

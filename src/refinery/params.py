@@ -206,6 +206,27 @@ class SslAugParams(Section):
     blur_p: Probability = 0.0
     blur_sigma: tuple[float, float] = (0.1, 2.0)
     blur_kernel: int = Field(3, ge=3, le=63, description="odd Gaussian kernel side in pixels")
+    rotate_deg: float | Literal["auto"] = Field(
+        "auto", description="max rotation either way (RandomAffine degrees); auto: 15 on "
+        "1-channel images, where colour jitter has little to change, 0 on RGB")
+    noise_std: float | Literal["auto"] = Field(
+        "auto", description="std of additive Gaussian pixel noise (0..1 scale); auto: 0.05 on "
+        "1-channel images, 0 on RGB")
+
+    @field_validator("rotate_deg")
+    @classmethod
+    def _rotation(cls, value: float | str) -> float | str:
+        if value != "auto" and not 0 <= float(value) <= 180:
+            raise ValueError("expected auto or 0..180 degrees")
+        return value
+
+    @field_validator("noise_std")
+    @classmethod
+    def _noise(cls, value: float | str) -> float | str:
+        if value != "auto" and not 0 <= float(value) <= 1:
+            raise ValueError("expected auto or 0..1")
+        return value
+
     @field_validator("blur_kernel")
     @classmethod
     def _odd(cls, value: int) -> int:
@@ -237,12 +258,32 @@ class AugmentParams(Section):
 # ------------------------------------------------------------------------- models
 
 
+class WeightsParams(Section):
+    url: str = Field(min_length=1, description="http(s)://, file:// or a local path to a torch "
+                     "state dict of the teacher's backbone (e.g. torchvision's ResNet-18 "
+                     "ImageNet weights)")
+    checksum: str = Field(min_length=1, description="sha256:<hex> of the file (required)")
+
+    @field_validator("checksum")
+    @classmethod
+    def _sha256(cls, value: str) -> str:
+        algo, _, digest = value.partition(":")
+        if algo != "sha256" or len(digest) != 64 or any(c not in "0123456789abcdef"
+                                                          for c in digest.lower()):
+            raise ValueError("expected sha256:<64 hex digits>")
+        return value
+
+
 class TeacherParams(Section):
-    arch: str = Field("resnet18", min_length=1, description="a registered model "
-                      "(refinery.models.available(); checked with the training plan)")
+    arch: str = Field("auto", min_length=1, description="auto, or a registered model "
+                      "(refinery.models.available(); checked with the training plan); auto: "
+                      "compact up to 16 px images, resnet18 above")
     stem: Literal["auto", "small", "imagenet"] = Field(
         "auto", description="small: 3x3 stride-1 stem for small images; auto picks by image size"
     )
+    weights: WeightsParams | None = Field(
+        None, description="published backbone weights to start pretraining from (null: "
+        "random initialisation)")
 
 
 class StudentParams(Section):
@@ -293,8 +334,9 @@ class PretrainParams(Section):
     batch_size: int = Field(128, ge=2, le=65_536)
     accumulate: int = Field(1, ge=1, le=1024)
     min_steps: int = Field(
-        0, ge=0, le=10_000_000,
-        description="train at least this many optimizer steps (epochs are raised to reach it)")
+        300, ge=0, le=10_000_000,
+        description="train at least this many optimizer steps (epochs are raised to reach it);"
+                    " contrastive features need a few hundred steps whatever the data size")
     optim: OptimParams = OptimParams(optimizer="sgd", lr=0.5, weight_decay=5e-4)
     temperature: float = Field(0.2, gt=0, le=10)
     projection_dim: int = Field(128, ge=8, le=4096)
@@ -304,7 +346,10 @@ class PretrainParams(Section):
 
 
 class FinetuneParams(Section):
-    mode: Literal["full", "linear"] = "full"
+    mode: Literal["full", "linear", "lpft"] = Field(
+        "lpft", description="full: all layers; linear: the head on frozen features; lpft: "
+        "the head fitted on frozen features first, then all layers (the scratch baseline "
+        "always trains in full)")
     epochs: int = Field(30, ge=1, le=10_000)
     batch_size: int = Field(32, ge=1, le=65_536)
     accumulate: int = Field(1, ge=1, le=1024)
@@ -313,7 +358,8 @@ class FinetuneParams(Section):
         description="train at least this many optimizer steps (epochs are raised to reach it)")
     optim: OptimParams = OptimParams(lr=0.05)
     backbone_lr_scale: float = Field(
-        1.0, gt=0, le=1, description="backbone lr = lr * scale in full mode"
+        0.1, gt=0, le=1, description="backbone lr = lr * scale in full and lpft modes "
+        "(pretrained init only; the scratch baseline trains every layer at lr)"
     )
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     eval_every: int = Field(1, ge=1, description="validate every N epochs (and the last)")
@@ -324,7 +370,7 @@ class DistillParams(Section):
     batch_size: int = Field(128, ge=1, le=65_536)
     accumulate: int = Field(1, ge=1, le=1024)
     min_steps: int = Field(
-        0, ge=0, le=10_000_000,
+        100, ge=0, le=10_000_000,
         description="train at least this many optimizer steps (epochs are raised to reach it)")
     optim: OptimParams = OptimParams(lr=0.05)
     temperature: float = Field(4.0, gt=0, le=100)
@@ -342,7 +388,7 @@ class PruneParams(Section):
     ratio: float = Field(0.5, ge=0.0, lt=1.0, description="share of every prunable layer's "
                          "channels removed by L2 magnitude (0: the stage copies the student)")
     epochs: int = Field(10, ge=1, le=10_000, description="recovery distillation")
-    min_steps: int = Field(0, ge=0, le=10_000_000)
+    min_steps: int = Field(100, ge=0, le=10_000_000)
     batch_size: int = Field(128, ge=1, le=65_536)
     accumulate: int = Field(1, ge=1, le=1024)
     optim: OptimParams = OptimParams(lr=0.02)

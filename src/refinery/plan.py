@@ -58,7 +58,7 @@ def static_problems(params: Params) -> list[str]:
 
     problems = []
     arch = params.model.teacher.arch
-    if arch not in models.available():
+    if arch != "auto" and arch not in models.available():
         problems.append(f"model.teacher.arch: unknown model {arch!r}; expected one of "
                         f"{models.available()}")
     return problems

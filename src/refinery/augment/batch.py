@@ -108,6 +108,11 @@ class Draw:
         """Like ``torch.empty(shape).uniform_(low, high)``."""
         return self.place(self._rand(*shape) * (high - low) + low)
 
+    def normal(self, *shape: int) -> Tensor:
+        """Standard normal draws, like ``torch.randn(shape)``."""
+        return self.place(torch.randn(shape, generator=self.generator,
+                                      device=self.generator.device))
+
     def chance(self, p: float, *shape: int) -> Tensor:
         """Bool mask, True with probability ``p`` (False everywhere for p=0, True for p=1)."""
         return self.place(self._rand(*shape) < p)

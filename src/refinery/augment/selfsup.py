@@ -4,7 +4,10 @@ Per view, as SimCLR's torchvision pipeline: ``RandomResizedCrop(size, scale,
 ratio)``, ``RandomHorizontalFlip``, ``RandomApply([ColorJitter(b, c, s, h)],
 p=jitter_p)`` (the four adjustments in a random order per image, as
 ColorJitter draws one), ``RandomGrayscale(p)``, ``RandomApply([GaussianBlur(k,
-sigma)], p=blur_p)``. Both views of a batch go through the ops as one batch of
+sigma)], p=blur_p)``; then, where set (``augment.ssl`` picks them by channel
+count), ``RandomAffine(degrees=rotate_deg)`` (bilinear, about the center,
+zeros outside) and additive Gaussian noise of ``noise_std``, clamped to
+[0, 1]. Both views of a batch go through the ops as one batch of
 ``2N`` images, halving the kernel launches.
 """
 
@@ -39,6 +42,8 @@ class ViewParams(ParamBatch):
     gray: Tensor  # (N,) bool
     blur: Tensor  # (N,) bool
     sigma: Tensor  # (N,) float
+    angle: Tensor  # (N,) degrees
+    noise: Tensor  # (N, C, H, W) standard normal; (N, 0, 0, 0) when noise_std is 0
 
 
 @dataclass(frozen=True)
@@ -65,6 +70,8 @@ class SslPolicy:
     blur_p: float = 0.0
     blur_kernel: int = 3
     blur_sigma: tuple[float, float] = (0.1, 2.0)
+    rotate_deg: float = 0.0
+    noise_std: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -101,6 +108,9 @@ class SslPolicy:
             gray=draw.chance(self.grayscale_p, n),
             blur=draw.chance(self.blur_p, n),
             sigma=draw.uniform(self.blur_sigma[0], self.blur_sigma[1], n),
+            angle=draw.uniform(-self.rotate_deg, self.rotate_deg, n),
+            noise=draw.normal(n, self.channels, self.size, self.size) if self.noise_std > 0
+            else draw.place(torch.zeros(n, 0, 0, 0)),
         )
 
     def sample(self, n: int, generator: torch.Generator,
@@ -128,6 +138,15 @@ class SslPolicy:
             x = A.where_chosen(
                 x, p.blur, lambda t, i: A.gaussian_blur(t, self.blur_kernel, A.pick(p.sigma, i)),
                 inplace=True)
+        if self.rotate_deg > 0:
+            n = x.shape[0]
+            zeros2 = torch.zeros(n, 2, dtype=torch.float64, device=x.device)
+            matrix = A.inverse_affine_matrix(zeros2, p.angle.to(torch.float64), zeros2,
+                                             torch.ones(n, dtype=torch.float64, device=x.device),
+                                             zeros2)
+            x = A.affine(x, matrix, mode="bilinear")
+        if self.noise_std > 0:
+            x = x.add_(p.noise.to(x.dtype), alpha=self.noise_std).clamp_(0.0, 1.0)
         return x
 
     def _jitter(self, x: Tensor, p: ViewParams) -> Tensor:

@@ -86,6 +86,20 @@ def _crop_problem(key: str, size: int, scale: tuple[float, float],
     return None
 
 
+#: The ``auto`` SSL views on 1-channel images. SimCLR's colour jitter and grayscale
+#: have little or nothing to change on them, so the two views of a gray image would
+#: differ by crop alone; a small rotation and pixel noise make them differ in what
+#: does not change the class. RGB images keep SimCLR's policy (0 for both).
+GRAY_ROTATE_DEG = 15.0
+GRAY_NOISE_STD = 0.05
+
+
+def _by_channels(value: float | str, channels: int, *, gray: float) -> float:
+    if value != "auto":
+        return float(value)
+    return gray if channels == 1 else 0.0
+
+
 def resolve(p: AugmentParams, meta: dict[str, Any]) -> tuple[SupervisedPolicy, SslPolicy]:
     """Build both policies for the prepared data's ``meta``; :class:`PolicyError` if impossible."""
     size, channels = int(meta["size"]), int(meta["channels"])
@@ -133,6 +147,8 @@ def resolve(p: AugmentParams, meta: dict[str, Any]) -> tuple[SupervisedPolicy, S
         flip=v.flip, jitter_p=v.jitter_p, brightness=v.brightness, contrast=v.contrast,
         saturation=v.saturation, hue=v.hue, grayscale_p=v.grayscale_p, blur_p=v.blur_p,
         blur_kernel=v.blur_kernel, blur_sigma=v.blur_sigma,
+        rotate_deg=_by_channels(v.rotate_deg, channels, gray=GRAY_ROTATE_DEG),
+        noise_std=_by_channels(v.noise_std, channels, gray=GRAY_NOISE_STD),
     )
     return supervised, ssl
 

@@ -1,7 +1,10 @@
 """Supervised training of the teacher on the labeled subset only.
 
-``init: pretrained`` starts from the SimCLR backbone (full fine-tuning, with an
-optional lower backbone learning rate, or a linear probe on frozen features);
+``init: pretrained`` starts from the SimCLR backbone: full fine-tuning (with an
+optional lower backbone learning rate), a linear probe on frozen features, or
+LP-FT (Kumar et al., 2022): the head is first fitted to the frozen features,
+so full fine-tuning starts from a head that agrees with the backbone instead
+of a random one whose gradients would scramble what pretraining learned;
 ``init: scratch`` trains the same network from random weights on the same
 labels, the baseline that says what pretraining bought.
 """
@@ -93,7 +96,8 @@ def build_classifier(data: PreparedData, model_p: ModelParams, init: Init,
     """The teacher network, from the pretrained backbone or from random weights."""
     if init == "scratch":
         config = models.ModelConfig(
-            arch=model_p.teacher.arch, stem=model_p.teacher.stem, in_channels=data.channels,
+            arch=models.teacher_arch(model_p.teacher.arch, data.size), stem=model_p.teacher.stem,
+            in_channels=data.channels,
             image_size=data.size, num_classes=0, mean=tuple(data.mean), std=tuple(data.std))
         return models.build_model(config.with_classes(data.classes))
     if pretrained_dir is None or not (pretrained_dir / "model.pt").exists():
@@ -111,6 +115,45 @@ def build_classifier(data: PreparedData, model_p: ModelParams, init: Init,
         raise RefineryError(f"pretrained weights do not fit the teacher: missing {missing}, "
                             f"unexpected {unexpected}")
     return model
+
+
+def fit_head(model: models.ImageClassifier, images: torch.Tensor, labels: torch.Tensor,
+             weight_decay: float = 1e-3, iterations: int = 200) -> float:
+    """LP-FT's first step: the linear head on the frozen backbone's features of the labeled
+    images (no augmentation, BN in eval mode), multinomial logistic regression with L2 by
+    L-BFGS on standardised features (so the penalty means the same at any feature scale),
+    folded back into the head's weights. Deterministic. Returns the head's training
+    accuracy."""
+    head = model.head
+    if not isinstance(head, nn.Linear):
+        raise RefineryError("finetune.mode: lpft needs a linear head")
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        features = torch.cat([model.features(images[i:i + 256].float().div(255))
+                              for i in range(0, len(images), 256)]).float()
+    targets = labels.to(features.device)
+    mean, std = features.mean(0), features.std(0).clamp_min(1e-6)
+    features = (features - mean) / std
+    weight = torch.zeros_like(head.weight, dtype=torch.float32, requires_grad=True)
+    bias = torch.zeros_like(head.bias, dtype=torch.float32, requires_grad=True)
+    optimizer = torch.optim.LBFGS([weight, bias], max_iter=iterations,
+                                  line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(features @ weight.T + bias, targets) \
+            + weight_decay * weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    with torch.no_grad():  # w . (f - mean) / std + b  ==  (w / std) . f + (b - w . mean / std)
+        head.weight.copy_(weight / std)
+        head.bias.copy_(bias - (weight / std) @ mean)
+        accuracy_ = float(((features @ weight.T + bias).argmax(1) == targets).float().mean())
+    model.train(was_training)
+    return accuracy_
 
 
 def finetune(p: FinetuneParams, *, model_p: ModelParams, engine_p: EngineParams, seed: int,
@@ -134,6 +177,11 @@ def finetune(p: FinetuneParams, *, model_p: ModelParams, engine_p: EngineParams,
         for param in model.backbone.parameters():
             param.requires_grad_(False)
     labeled = data.labeled
+    head_fit_acc = None
+    if p.mode == "lpft" and init == "pretrained":
+        head_fit_acc = fit_head(model, data.train.images[labeled], data.train.labels[labeled])
+        log.info("finetune: LP-FT head fitted on frozen features (train acc %.4f)",
+                 head_fit_acc)
     monitors = {"val": (DeviceData(data.val.images, None, rt), data.val.labels.to(rt.device))}
     if monitor_test:
         monitors["test"] = (DeviceData(data.test.images, None, rt),
@@ -173,6 +221,8 @@ def finetune(p: FinetuneParams, *, model_p: ModelParams, engine_p: EngineParams,
     }
     if monitor_test:
         metrics["test_acc"] = final.get("test_acc", float("nan"))
+    if head_fit_acc is not None:
+        metrics["lpft_head_train_acc"] = head_fit_acc
     return finish_training(
         rt, ckpt, task.model, files=files, extra={"stage": stage, "init": init},
         history=outcome.history,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,7 @@ from refinery.engine import (
 )
 from refinery.engine.runtime import Runtime
 from refinery.engine.schedule import for_section
+from refinery.errors import ParamsError
 from refinery.formats.policies import load_policies
 from refinery.formats.prepared import load_prepared
 from refinery.params import EngineParams, ModelParams, Params, PretrainParams
@@ -129,15 +131,30 @@ class PretrainTask:
 
 
 def pretrain(p: PretrainParams, *, model_p: ModelParams, engine_p: EngineParams, seed: int,
-             files: TrainingFiles, sink: MetricSink | None = None) -> TrainResult:
-    """Train the teacher backbone with SimCLR; write it to ``files.out_dir``."""
+             files: TrainingFiles, sink: MetricSink | None = None,
+             weights: Path | None = None) -> TrainResult:
+    """Train the teacher backbone with SimCLR; write it to ``files.out_dir``.
+
+    ``weights``: a verified state dict (``model.teacher.weights``, fetched by
+    :func:`main`) to start from instead of random weights.
+    """
     rt = make_runtime(engine_p, seed)
     data = load_prepared(files.prepared_dir, splits=("train", "val"))
     _, ssl_policy = load_policies(files.policies)
     config = models.ModelConfig(
-        arch=model_p.teacher.arch, stem=model_p.teacher.stem, in_channels=data.channels,
+        arch=models.teacher_arch(model_p.teacher.arch, data.size), stem=model_p.teacher.stem,
+        in_channels=data.channels,
         image_size=data.size, num_classes=0, mean=tuple(data.mean), std=tuple(data.std))
-    net = SimCLR(models.build_model(config), p.projection_hidden, p.projection_dim)
+    encoder = models.build_model(config)
+    if weights is not None:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+        try:
+            dropped = models.load_backbone_weights(encoder.backbone, state, weights.name)
+        except ValueError as exc:
+            raise ParamsError(str(exc)) from None
+        log.info("pretrain: starting from %s (%d tensors; dropped its head: %s)", weights.name,
+                 len(state) - len(dropped), ", ".join(dropped) or "none")
+    net = SimCLR(encoder, p.projection_hidden, p.projection_dim)
     labeled = data.labeled
     schedule = for_section("pretrain", len(data.train), p, rt.world_size)
     if rt.is_main:
@@ -159,7 +176,8 @@ def pretrain(p: PretrainParams, *, model_p: ModelParams, engine_p: EngineParams,
     ckpt = Checkpointer(files.checkpoint_dir, fingerprint(
         "pretrain", {"pretrain": p.model_dump(), "model": model_p.model_dump(), "seed": seed,
                      "world": rt.world_size},
-        [files.prepared_dir / "meta.json", files.prepared_dir / "train.pt", files.policies]))
+        [files.prepared_dir / "meta.json", files.prepared_dir / "train.pt", files.policies,
+         *([weights] if weights is not None else [])]))
     outcome = Trainer(rt, task, spec, ckpt, sink).fit()
     final = outcome.final
     metrics = {
@@ -185,8 +203,18 @@ def main(params: Params, args: argparse.Namespace) -> None:
     declared = stage_named("pretrain")
     with stage.tracked(declared, params) as run:
         stage.check_plan(params)
+        weights = None
+        if params.model.teacher.weights is not None:  # through the download stage's fetcher
+            from refinery.stages.download.fetch import fetch
+
+            w = params.model.teacher.weights
+            fetched = fetch(w.url, paths.DOWNLOAD_CACHE / "weights", w.checksum,
+                            params.download.http)
+            run.set_tags({"refinery.teacher_weights": fetched.url,
+                          "refinery.teacher_weights_sha256": fetched.sha256})
+            weights = fetched.path
         result = pretrain(params.pretrain, model_p=params.model, engine_p=params.engine,
-                          seed=params.seed, sink=run,
+                          seed=params.seed, sink=run, weights=weights,
                           files=TrainingFiles.for_stage(declared.name, paths.PRETRAINED))
         stage.finish(declared, run, result.metrics(), warnings=result.warnings,
                      artifacts=[declared.reports / "curves.png",
