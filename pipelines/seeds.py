@@ -2,9 +2,10 @@
 
 Each seed task runs ``dvc exp run --temp -S seed=<s>`` (so every seed is a
 normal DVC experiment in ``dvc exp show``), with ``cpus / jobs`` threads.
-The first seed runs alone: it leaves the data stages in DVC's run-cache, and
-the others, whose data params are the same (``data_seed`` is fixed), restore
-them instead of running them. The summary task is ``refinery seeds``' own
+The data stages run once first (:func:`refinery.seeds.warm_data`; the first
+seed alone when overrides change data params), and every seed, whose data
+params are the same (``data_seed`` is fixed), restores them from the
+run-cache instead of running them. The summary task is ``refinery seeds``' own
 (:func:`refinery.seeds.publish`): ``reports/seeds/``, one MLflow parent run
 over the seeds' pipeline runs, and here also a Prefect markdown artifact.
 
@@ -79,10 +80,16 @@ def refinery_seeds(seeds: list[int] | None = None, jobs: int = 2, name: str | No
     name = name or f"seeds-{flow_run.get_name() or time.strftime('%Y%m%d-%H%M%S')}"
     seeds_lib.check(seeds, name, jobs, overrides, root)  # before any work
     start = time.perf_counter()
-    first = run_seed(seeds[0], name, overrides, str(root), 1)  # warms the data stages
-    rest = [run_seed.submit(seed, name, overrides, str(root), jobs) for seed in seeds[1:]]
-    per_seed = {seeds[0]: first, **{s: f.result() for s, f in zip(seeds[1:], rest,
-                                                                  strict=True)}}
+    per_seed: dict[int, dict[str, Any]] = {}
+    if seeds_lib.warm_data(overrides, root):
+        get_run_logger().info("data stages up to date in %s", root)
+        alone: list[int] = []
+    else:  # the first seed runs the data stages
+        alone = seeds[:1]
+        per_seed[seeds[0]] = run_seed(seeds[0], name, overrides, str(root), 1)
+    futures = {s: run_seed.submit(s, name, overrides, str(root), jobs)
+               for s in seeds if s not in alone}
+    per_seed.update({s: future.result() for s, future in futures.items()})
     result = seeds_lib.SeedRun(name, tuple(seeds), tuple(seeds_lib.experiment_names(name, seeds)),
                                per_seed, time.perf_counter() - start)
     invocation = (f"python -m pipelines.seeds --seeds {' '.join(map(str, seeds))} "

@@ -173,6 +173,13 @@ FIGURES: dict[str, dict[str, Any]] = {
 }
 
 
+def data_stages() -> tuple[Stage, ...]:
+    """The stages before the first training stage: what a training seed does not change
+    (their params are ``data_seed`` and the data sections, never ``seed``)."""
+    first = next(i for i, stage in enumerate(STAGES) if stage.schedule)
+    return STAGES[:first]
+
+
 def stage_named(name: str) -> Stage:
     for stage in STAGES:
         if stage.name == name:

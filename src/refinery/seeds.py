@@ -5,9 +5,10 @@ one initialisation and one batch order. ``refinery seeds`` runs the
 pipeline for N training seeds as DVC experiments, each a normal experiment
 in ``dvc exp show`` (``dvc exp run --queue -S seed=<s>``, then ``dvc queue
 start -j <jobs>``). ``data_seed`` stays fixed, so the data stages' params do
-not change with the seed: the first seed runs alone and leaves them in DVC's
-run-cache, and the others restore them instead of running them again, then
-train ``jobs`` at a time, each worker with ``cpus / jobs`` threads.
+not change with the seed: they run once first (``dvc repro`` of the last data
+stage in the workspace; or, when ``--set`` changes a data param, the first seed
+runs alone), and every seed restores them from DVC's run-cache, the seeds
+training ``jobs`` at a time, each worker with ``cpus / jobs`` threads.
 
 :func:`summarize` gathers the seeds' test metrics: mean, standard deviation
 (n - 1) and range per model and baseline, and for each declared comparison
@@ -288,15 +289,35 @@ class SeedRun:
     seconds: float
 
 
+def warm_data(overrides: Mapping[str, Any], repo: Path) -> bool:
+    """Bring the data stages up to date in the workspace (``dvc repro <last data stage>``),
+    so every seed restores them from the run-cache. Only when ``overrides`` leave the
+    data params alone (else the seeds' data differs from the workspace's): returns
+    whether it did."""
+    from refinery.pipeline import data_stages
+
+    stages = data_stages()
+    keys = {key for stage in stages for key in stage.params}
+    if any(k == key or k.startswith(key + ".") for k in overrides for key in keys):
+        return False
+    _dvc(["repro", stages[-1].name], repo)
+    return True
+
+
 def run_seeds(seeds: Sequence[int], *, name: str, jobs: int, overrides: Mapping[str, Any],
               repo: Path, on_state: Callable[[str], None] | None = None) -> SeedRun:
-    """Queue one DVC experiment per seed; run the first alone, the rest ``jobs`` at a
-    time; return each seed's evaluation metrics. A failed seed fails the whole call,
-    with its log."""
+    """Queue one DVC experiment per seed and run them ``jobs`` at a time, after the data
+    stages (:func:`warm_data`, else the first seed alone); return each seed's evaluation
+    metrics. A failed seed fails the whole call, with its log."""
     check(seeds, name, jobs, overrides, repo)
     names = experiment_names(name, seeds)
     start = time.perf_counter()
-    batches = [(seeds[:1], names[:1], 1), (seeds[1:], names[1:], jobs)]
+    if warm_data(overrides, repo):
+        if on_state is not None:
+            on_state("data stages up to date in the workspace")
+        batches = [(list(seeds), names, jobs)]
+    else:
+        batches = [(seeds[:1], names[:1], 1), (seeds[1:], names[1:], jobs)]
     for batch_seeds, batch_names, workers in batches:
         if not batch_seeds:
             continue
