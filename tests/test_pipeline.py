@@ -57,11 +57,12 @@ def test_every_model_is_well_above_chance(pipeline_run: PipelineRun) -> None:
         assert values["latency_p50_ms"] <= values["latency_p95_ms"]
     headline = pipeline_run.json("metrics/evaluate.json")  # what dvc metrics show compares
     assert {model: set(headline[model]) for model in details} == {
-        model: {"accuracy", "accuracy_low", "accuracy_high", "file_mb", "latency_p50_ms"}
+        model: {"accuracy", "accuracy_low", "accuracy_high", "macro_f1", "latency_p50_ms"}
         for model in details}
     for group in (*differences, "majority", "linear_probe"):  # measured: with an interval
-        assert set(headline[group]) == {"accuracy", "accuracy_low", "accuracy_high"}, group
-    assert set(headline["chance"]) == {"accuracy"}  # expected, not measured
+        assert set(headline[group]) == {"accuracy", "accuracy_low", "accuracy_high",
+                                        "macro_f1"}, group
+    assert set(headline["chance"]) == {"accuracy", "macro_f1"}  # expected, not measured
     teacher, student = details["teacher"], details["student"]
     assert student["parameters"] * 5 <= teacher["parameters"]
     pruned, int8 = details["student_pruned"], details[int8_row().name]

@@ -155,7 +155,7 @@ STAGES: tuple[Stage, ...] = (
           params=("data_seed", "evaluate", "registry"),
           deps=(*_PREPARED, P.PREPARED / "test.pt", P.PRETRAINED, *(row.path for row in MODELS)),
           outs=(),
-          headline=("accuracy", "accuracy_low", "accuracy_high", "file_mb", "latency_p50_ms"),
+          headline=("accuracy", "accuracy_low", "accuracy_high", "macro_f1", "latency_p50_ms"),
           plots=(PlotFile(P.PLOTS / "evaluate", {"template": "confusion", "x": "actual",
                                                  "y": "predicted"}),)),
 )
