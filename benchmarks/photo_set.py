@@ -61,16 +61,21 @@ def build(out: Path, classes: list[str], train: int, test: int, seed: int) -> st
 
 
 def run(archive: Path, digest: str) -> dict:
+    from refinery.dvctools import tool_env
+
     bin_dir = Path(sys.executable).parent
+    env = tool_env()  # this interpreter's bin first: DVC's `python -m refinery` is ours
+    env.pop("MLFLOW_TRACKING_URI", None)  # the clone's own local store
     clone = Path(tempfile.mkdtemp(prefix="refinery-photos-")) / "repo"
     subprocess.run(["git", "clone", "--quiet", str(REPO), str(clone)], check=True)
     subprocess.run([str(bin_dir / "refinery"), "profile", "image-folder",
                     "--set", f"download.url={archive.resolve().as_uri()}",
-                    "--set", f"download.checksum=sha256:{digest}"], cwd=clone, check=True)
+                    "--set", f"download.checksum=sha256:{digest}"], cwd=clone, check=True,
+                   env=env)
     start = time.perf_counter()
     with (clone.parent / "repro.log").open("w") as log:
         done = subprocess.run([str(bin_dir / "dvc"), "repro"], cwd=clone, stdout=log,
-                              stderr=subprocess.STDOUT)
+                              stderr=subprocess.STDOUT, env=env)
     seconds = time.perf_counter() - start
     if done.returncode != 0:
         sys.exit(f"dvc repro failed; log: {clone.parent / 'repro.log'}")
