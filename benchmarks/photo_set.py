@@ -80,12 +80,16 @@ def run(archive: Path, digest: str) -> dict:
     if done.returncode != 0:
         sys.exit(f"dvc repro failed; log: {clone.parent / 'repro.log'}")
     metrics = json.loads((clone / "reports/evaluate/details.json").read_text())
+    evidence = json.loads((clone / "reports/evaluate/evidence.json").read_text())
     plan = {s: json.loads((clone / f"reports/{s}/details.json").read_text()).get("steps")
             for s in ("pretrain", "finetune", "finetune_scratch", "distill", "prune")}
     print((clone / "reports/evaluate/comparison.md").read_text())
     return {"clone": str(clone), "pipeline_seconds": seconds, "steps": plan,
-            "accuracy": {k: v["accuracy"] for k, v in metrics.items() if "accuracy" in v},
-            "majority": metrics["majority"]["accuracy"]}
+            "accuracy": {k: v["accuracy"] for k, v in metrics.items()
+                         if "accuracy" in v and "_minus_" not in k},  # models and baselines
+            "majority": metrics["majority"]["accuracy"],
+            "differences": evidence["differences"],
+            "not_better_than_majority_by_paired_interval": evidence["not_better_than_majority"]}
 
 
 def main() -> None:
@@ -101,7 +105,8 @@ def main() -> None:
     print(f"{args.out}: {2 * (args.train + args.test)} images, sha256:{digest}")
     if args.run:
         result = run(args.out, digest)
-        margin = {k: 100 * (v - result["majority"]) for k, v in result["accuracy"].items()}
+        margin = {k: 100 * (v - result["majority"]) for k, v in result["accuracy"].items()
+                  if k not in ("majority", "chance")}
         print(json.dumps({"points_above_majority": margin, "steps": result["steps"],
                           "pipeline_seconds": result["pipeline_seconds"]}, indent=1))
         path = write_result("photo_set", {
