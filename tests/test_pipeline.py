@@ -64,7 +64,7 @@ def test_every_model_is_well_above_chance(pipeline_run: PipelineRun) -> None:
                                         "macro_f1"}, group
     assert set(headline["chance"]) == {"accuracy", "macro_f1"}  # expected, not measured
     teacher, student = details["teacher"], details["student"]
-    assert student["parameters"] * 5 <= teacher["parameters"]
+    assert student["parameters"] * 3 < teacher["parameters"]  # 4x (compact), 16x (ResNet-18)
     pruned, int8 = details["student_pruned"], details[int8_row().name]
     assert pruned["parameters"] * 3 < student["parameters"]  # half the channels of each layer
     assert abs(int8["accuracy"] - pruned["accuracy"]) < 0.03  # int8 keeps the pruned student
