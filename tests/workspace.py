@@ -26,6 +26,9 @@ TINY_TRAINING: dict[str, Any] = {
     "engine.checkpoint_every_steps": 4,
     "engine.log_every_steps": 2,
     "pretrain.epochs": 2,
+    "pretrain.min_steps": 0,  # the defaults' step floors are for real runs, not smoke tests
+    "distill.min_steps": 0,
+    "prune.min_steps": 0,
     "pretrain.batch_size": 128,
     "pretrain.knn_every": 1,
     "finetune.epochs": 12,
