@@ -72,10 +72,10 @@ def test_two_identical_runs_give_identical_weights(pipeline_run: PipelineRun,
 #: The long, preemptible stages: pretraining with LARS state and the SSL augmentation
 #: generator, and distillation (teacher forward, KD loss, unlabeled pool).
 RESUMABLE = {
-    "pretrain": ({"pretrain.epochs": 2, "pretrain.optim.optimizer": "lars",
+    "pretrain": ({"pretrain.epochs": 2, "pretrain.min_steps": 0, "pretrain.optim.optimizer": "lars",
                   "pretrain.optim.lr": 0.3, "model.teacher.arch": "student"}, ["pretrain"],
                  "models/pretrained"),
-    "distill": ({"distill.epochs": 2}, ["distill"], "models/student"),
+    "distill": ({"distill.epochs": 2, "distill.min_steps": 0}, ["distill"], "models/student"),
 }
 
 
@@ -139,7 +139,7 @@ WEIGHT_LIMIT = 1e-6
 #: (a sharding bug) moved the loss by 2% (5.65 vs 5.55).
 PRETRAIN_DDP = {"engine.deterministic": True, "engine.checkpoint_every_steps": 0,
                 "model.teacher.arch": "student", "pretrain.epochs": 1,
-                "pretrain.optim.lr": 1e-3}
+                "pretrain.min_steps": 0, "pretrain.optim.lr": 1e-3}
 
 
 def _one_process_and_two(run: PipelineRun, tmp_path: Path, settings: dict,
