@@ -30,7 +30,8 @@ from prefect.tasks import exponential_backoff
 from pipelines import dvcfile, params_override, report
 from pipelines.dvc_runner import StageFailed, reproduce
 from refinery import tracking
-from refinery.dvctools import tool_env
+from refinery.dvctools import experiment_name, save_experiment, tool_env
+from refinery.tracking_context import git_commit
 
 FLOW_NAME = "refinery-pipeline"
 #: Stages that touch the network: retried with exponential backoff.
@@ -101,9 +102,10 @@ def refinery_pipeline(
     logger.info("stages: %s", " -> ".join(plan))
     with params_override.overridden(root, overrides) as params:
         full = params.to_dict()
-        tracking.begin_pipeline(context, full, root, overrides)
+        started = tracking.begin_pipeline(context, full, root, overrides)
         results: list[dict[str, Any]] = []
         error: str | None = None
+        tags: dict[str, str] = {}
         try:
             for stage in plan:
                 runner = run_stage
@@ -115,19 +117,36 @@ def refinery_pipeline(
                         retry_condition_fn=_retryable,
                     )
                 results.append(runner(stage, str(root), context.env()))
+            if overrides:  # params.yaml still holds them: the workspace is the experiment
+                tags = _save_experiment(context, started, root, logger)
         except BaseException as exc:
             error = str(exc)
             raise
         finally:
-            _finish(context, full, plan, root, error, logger)
-    return {"pipeline_id": context.pipeline_id, "stages": results}
+            _finish(context, full, plan, root, error, logger, tags)
+    return {"pipeline_id": context.pipeline_id, "stages": results,
+            "dvc_experiment": tags.get(tracking.DVC_EXPERIMENT_TAG)}
+
+
+def _save_experiment(context: tracking.RunContext, started: tracking.PipelineRecord,
+                     root: Path, logger: Any) -> dict[str, str]:
+    """A run with overrides is a DVC experiment too (``dvc exp show`` lists it with its
+    params and metrics): named after the flow run, its message names the MLflow parent,
+    and the parent is tagged with its name."""
+    name = experiment_name(context.flow_run_name, context.flow_run_id or "")
+    message = (f"Prefect flow run {context.flow_run_id} ({context.flow_run_name}); "
+               f"MLflow run {started.parent_run_id}")
+    save_experiment(root, name, message)
+    logger.info("DVC experiment %s (dvc exp show)", name)
+    return {tracking.DVC_EXPERIMENT_TAG: name, "refinery.dvc_baseline_rev": git_commit(root) or ""}
 
 
 def _finish(context: tracking.RunContext, params: Mapping[str, Any], plan: list[str],
-            root: Path, error: str | None, logger: Any) -> None:
+            root: Path, error: str | None, logger: Any, tags: Mapping[str, str]) -> None:
     """Close the MLflow parent and publish the summary; never hides the stage's own error."""
     try:
-        record = tracking.end_pipeline(context, params, plan, root, failed=error is not None)
+        record = tracking.end_pipeline(context, params, plan, root, failed=error is not None,
+                                       tags=tags)
         _publish(record, root, plan, error is not None, error)
         logger.info("MLflow parent run: %s", record.parent_url or record.parent_run_id)
     except Exception as exc:

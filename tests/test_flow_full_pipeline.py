@@ -110,4 +110,6 @@ def test_the_mlflow_parent_holds_the_headline_and_the_registered_student(
                             for k, v in headline.items())
     registry = pipeline_run.json("reports/evaluate/registry.json")
     version = client.get_model_version(registry["student_model"], registry["version"])
-    assert version.run_id == kids["evaluate"].info.run_id
+    # registered from the logged model of the run that made it (quantize), by evaluate
+    assert version.run_id == kids["quantize"].info.run_id
+    assert version.tags["mlflow_run_id"] == kids["evaluate"].info.run_id

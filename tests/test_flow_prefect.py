@@ -27,6 +27,7 @@ from servers import (
     MlflowServer,
     PrefectServer,
     children,
+    exp_show,
     isolate_prefect_home,
     parents,
     run,
@@ -62,7 +63,8 @@ def deployed(prefect_server: PrefectServer, mlflow_server: MlflowServer,
                               start_new_session=True)
     deployments = {d["name"]: d for d in prefect_server.api("POST", "/deployments/filter", {})}
     try:
-        yield {"ws": ws, "deployments": deployments, "worker_log": ws.parent / "worker.log"}
+        yield {"ws": ws, "env": env, "deployments": deployments,
+               "worker_log": ws.parent / "worker.log"}
     finally:
         os.killpg(worker.pid, signal.SIGTERM)
         try:
@@ -171,7 +173,22 @@ def test_on_demand_run_builds_one_mlflow_tree(deployed: dict[str, Any],
     summary = artifacts["refinery-pipeline-summary"]["data"]
     assert "| prepare | executed |" in summary
     assert f"{mlflow_server.uri}/#/experiments/" in summary and parent.info.run_id in summary
-    assert f"runs/{parent.info.run_id})" in artifacts["refinery-mlflow-run"]["data"]
+    assert f"runs/{parent.info.run_id}?workflowType=machine_learning" in \
+        artifacts["refinery-mlflow-run"]["data"]  # opens MLflow's training view
+
+    # A run with overrides is a DVC experiment too, linked both ways with the MLflow parent.
+    experiment = parent.data.tags["refinery.dvc_experiment"]
+    assert experiment == "prefect-" + first["name"]
+    shown = exp_show(ws, deployed["env"])
+    assert shown[experiment]["params"]["params.yaml"]["data"]["prepare"]["label_fraction"] \
+        == 0.15
+    saved = shown[experiment]["metrics"]["metrics/prepare.json"]["data"]
+    assert saved == metrics
+    ref = run(["git", "for-each-ref", "--format=%(refname)", "refs/exps"], ws,
+              deployed["env"]).stdout.split()
+    (exp_ref,) = [r for r in ref if r.endswith("/" + experiment)]
+    message = run(["git", "log", "-1", "--format=%B", exp_ref], ws, deployed["env"]).stdout
+    assert f"MLflow run {parent.info.run_id}" in message and first["id"] in message
 
     # The same request again: DVC has nothing to do, MLflow gets a parent
     # with no children that points at the runs that made the outputs.

@@ -177,6 +177,7 @@ def test_the_champion_loads_in_a_fresh_process_and_predicts_as_the_program(
     result = subprocess.run([sys.executable, "-c", script], cwd=ws, capture_output=True,
                             text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-4000:]
+    assert "Add type hints" not in result.stderr  # typed predict: MLflow validates, quietly
     assert json.loads(result.stdout.strip().splitlines()[-1])["refinery_loaded"] is False
     fresh = torch.from_numpy(np.load(ws / "fresh.npy"))
     program = int8_format.load_quantized(ws / int8_row().file)

@@ -28,7 +28,7 @@ SOURCE_ROOT = Path(__file__).resolve().parent.parent  # src/
 #: Modules (and packages) that observe or wire a run without shaping its outputs.
 NOT_RESULTS = ("refinery.tracking", "refinery.lineage", "refinery.progress", "refinery.cli",
                "refinery.__main__", "refinery.pipeline", "refinery.stage", "refinery.plan",
-               "refinery.codedeps")
+               "refinery.codedeps", "refinery.logged_models")
 
 
 def module_file(module: str) -> Path | None:

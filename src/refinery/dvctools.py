@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -30,3 +31,21 @@ def tool_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
 def dvc_executable() -> str:
     beside = Path(sys.executable).parent / "dvc"
     return str(beside) if beside.exists() else (shutil.which("dvc") or "dvc")
+
+
+def experiment_name(flow_run_name: str | None, flow_run_id: str) -> str:
+    """A DVC experiment name (a git ref name) for a Prefect flow run."""
+    base = flow_run_name or flow_run_id[:8]
+    return "prefect-" + "".join(c if c.isalnum() or c in "-_" else "-" for c in base)
+
+
+def save_experiment(workspace: Path, name: str, message: str,
+                    env: Mapping[str, str] | None = None) -> str:
+    """``dvc exp save``: the workspace as it stands (params, ``dvc.lock``, metrics) as a
+    DVC experiment, so ``dvc exp show`` lists a run that DVC did not launch itself."""
+    result = subprocess.run([dvc_executable(), "exp", "save", "--force", "--name", name,
+                             "--message", message], cwd=workspace, env=tool_env(env),
+                            capture_output=True, text=True, timeout=600)
+    if result.returncode != 0:
+        raise RuntimeError(f"dvc exp save {name} failed: {result.stderr.strip()[-2000:]}")
+    return name

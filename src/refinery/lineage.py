@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -41,6 +41,8 @@ class Lineage:
     spool_run_id: str | None = None
     deferred: bool = False
     finished_at: str = ""
+    #: the MLflow logged models the run made: model row name -> model id
+    models: dict[str, str] = field(default_factory=dict)
 
     @staticmethod
     def now() -> str:

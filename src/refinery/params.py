@@ -463,6 +463,9 @@ class TrackingParams(Section):
     on_unreachable: Literal["fail", "defer"] = Field(
         "fail", description="fail fast, or run and keep the logs to send later"
     )
+    system_metrics_s: float = Field(5.0, ge=0.5, le=3600, description=(
+        "training stages sample CPU, memory and GPU (with NVML) into their MLflow run "
+        "this often, in seconds"))
 
 
 # -------------------------------------------------------------------------- root

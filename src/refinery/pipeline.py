@@ -83,6 +83,11 @@ def int8_row() -> ModelRow:
 
 
 _TRAIN_KEYS = ("seed", "model.teacher", "engine")
+#: the data sets prepare describes in meta.json (formats.prepared.describe): the three
+#: splits and the labeled rows of train; a stage's run names those it reads
+DATASET_SPLITS = ("train", "val", "labeled", "test")
+_TRAIN_VAL = (("train", "training"), ("val", "validation"))
+_LABELED_VAL = (("labeled", "training"), ("val", "validation"))
 _PREPARED = (P.PREPARED / "meta.json", P.PREPARED / "train.pt", P.PREPARED / "val.pt",
              P.PREPARED / "labeled.pt")
 _POLICIES = P.AUGMENT / "policies.json"
@@ -117,7 +122,8 @@ STAGES: tuple[Stage, ...] = (
     Stage("prepare", "split train/val, pick the labeled subset, pack uint8 tensors; check the "
           "training plan", params=("data_seed", "images", "prepare"),
           deps=(P.RAW, P.MANIFEST, P.PIXELS), outs=(P.PREPARED,),
-          headline=("train_images", "labeled_images")),
+          headline=("train_images", "labeled_images"),
+          datasets=tuple((split, "prepared") for split in DATASET_SPLITS)),
     Stage("augment", "resolve the augmentation policies against the prepared images; preview "
           "grid", params=("data_seed", "augment"), deps=(P.PREPARED / "meta.json",
                                                       P.PREPARED / "train.pt"),
@@ -125,31 +131,34 @@ STAGES: tuple[Stage, ...] = (
     Stage("pretrain", "self-supervised SimCLR pretraining of the teacher backbone (GPU when "
           "present)", params=(*_TRAIN_KEYS, "pretrain"), deps=(*_PREPARED, _POLICIES),
           outs=(P.PRETRAINED,), headline=("knn_acc", "steps"), plots=(_curve("pretrain"),),
-          schedule="pretrain", epoch_of=_train_images),
+          schedule="pretrain", epoch_of=_train_images, datasets=_TRAIN_VAL),
     Stage("finetune", "fine-tune the pretrained backbone on the labeled subset (the teacher)",
           params=(*_TRAIN_KEYS, "finetune"), deps=(*_PREPARED, _POLICIES, P.PRETRAINED),
           outs=(P.TEACHER,), headline=("val_acc", "steps"), plots=(_curve("finetune"),),
           cli_args=("--init", "pretrained"), arguments=_INIT, schedule="finetune",
-          epoch_of=_labeled_images),
+          epoch_of=_labeled_images, datasets=_LABELED_VAL),
     Stage("finetune_scratch", "the same training from random weights: the baseline "
           "pretraining must beat", module="finetune", params=(*_TRAIN_KEYS, "finetune"),
           deps=(*_PREPARED, _POLICIES), outs=(P.SCRATCH,), headline=("val_acc", "steps"),
           plots=(_curve("finetune_scratch"),), cli_args=("--init", "scratch"),
-          arguments=_INIT, schedule="finetune", epoch_of=_labeled_images),
+          arguments=_INIT, schedule="finetune", epoch_of=_labeled_images,
+          datasets=_LABELED_VAL),
     Stage("distill", "distill the teacher into the small student (labeled + unlabeled "
           "images)", params=("seed", "model.student", "engine", "distill"),
           deps=(*_PREPARED, _POLICIES, P.TEACHER), outs=(P.STUDENT,),
           headline=("val_acc", "teacher_val_acc"), plots=(_curve("distill"),),
-          schedule="distill", epoch_of=_distilled_images),
+          schedule="distill", epoch_of=_distilled_images, datasets=_TRAIN_VAL),
     Stage("prune", "structured channel pruning of the student, then a recovery distillation",
           params=("seed", "engine", "prune"),
           deps=(*_PREPARED, _POLICIES, model_row("student_pruned").source_path, P.TEACHER),
           outs=(model_row("student_pruned").path,), headline=("val_acc", "parameters"),
-          plots=(_curve("prune"),), schedule="prune", epoch_of=_train_images),
+          plots=(_curve("prune"),), schedule="prune", epoch_of=_train_images,
+          datasets=_TRAIN_VAL),
     Stage("quantize", "int8 static quantization of the student (PT2E, x86), QAT if PTQ loses "
           "too much", params=("seed", "quantize"),
           deps=(*_PREPARED, int8_row().source_path),
-          outs=(int8_row().path,), headline=("int8_val_acc", "size_reduction")),
+          outs=(int8_row().path,), headline=("int8_val_acc", "size_reduction"),
+          datasets=(("train", "calibration"), ("val", "validation"))),
     Stage("evaluate", "score every model and the baselines (chance, majority, linear probe on "
           "the pretrained features) on test, with bootstrap intervals; registry gate",
           params=("data_seed", "evaluate", "registry"),
@@ -157,7 +166,8 @@ STAGES: tuple[Stage, ...] = (
           outs=(),
           headline=("accuracy", "accuracy_low", "accuracy_high", "macro_f1", "latency_p50_ms"),
           plots=(PlotFile(P.PLOTS / "evaluate", {"template": "confusion", "x": "actual",
-                                                 "y": "predicted"}),)),
+                                                 "y": "predicted"}),),
+          datasets=(("test", "evaluation"), ("labeled", "training"))),
 )
 
 #: The figures ``dvc plots show`` draws from the stages' plot files.

@@ -22,7 +22,7 @@ made the outputs); the declaration adds those paths itself.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,6 +57,9 @@ class Stage:
     #: how many samples one epoch covers, from the params and prepare's meta.json
     schedule: str = ""
     epoch_of: Callable[[Params, Mapping[str, Any]], int] | None = None
+    #: the prepared data sets its MLflow run names as inputs: (split, context), e.g.
+    #: ("labeled", "training"); splits of refinery.formats.prepared.DATASET_SPLITS
+    datasets: tuple[tuple[str, str], ...] = ()
 
     @property
     def import_path(self) -> str:
@@ -98,15 +101,30 @@ def params_subset(params: Params, keys: Sequence[str]) -> dict[str, Any]:
     return subset
 
 
-def tracked(stage: Stage, params: Params) -> contextlib.AbstractContextManager[Any]:
-    """The stage's MLflow run; under torchrun only rank 0 tracks, the others get a no-op."""
+@contextlib.contextmanager
+def tracked(stage: Stage, params: Params) -> Iterator[Any]:
+    """The stage's MLflow run; under torchrun only rank 0 tracks, the others get a no-op.
+    A stage that reads prepared data names its data sets on the run before it works."""
     from refinery import tracking
     from refinery.engine.runtime import is_main_process
 
     if not is_main_process():
-        return contextlib.nullcontext(tracking.NullRun())
-    return tracking.stage_run(stage.name, params_subset(params, stage.params),
-                              experiment=params.tracking.experiment)
+        yield tracking.NullRun()
+        return
+    with tracking.stage_run(stage.name, params_subset(params, stage.params),
+                            experiment=params.tracking.experiment,
+                            system_metrics=bool(stage.schedule)) as run:
+        if paths.PREPARED not in stage.outs:
+            _log_datasets(stage, run)
+        yield run
+
+
+def _log_datasets(stage: Stage, run: Any) -> None:
+    if not stage.datasets or not (paths.PREPARED / "meta.json").is_file():
+        return
+    from refinery.formats.prepared import datasets
+
+    run.log_datasets(datasets(paths.PREPARED), stage.datasets)
 
 
 def finish(stage: Stage, run: Any, metrics: Mapping[str, Any], *,
@@ -128,6 +146,24 @@ def finish(stage: Stage, run: Any, metrics: Mapping[str, Any], *,
     fsutil.write_json(paths.details_file(stage.name), dict(metrics))
     fsutil.write_json(stage.metrics_file, _headline(metrics, stage.headline))
     run.log_metrics(tracking.flatten(metrics))
+    if paths.PREPARED in stage.outs:  # the stage that made the data sets names them now
+        _log_datasets(stage, run)
+    _log_models(stage, run)
+
+
+def _log_models(stage: Stage, run: Any) -> None:
+    """The model folders the stage wrote, as MLflow logged models of its run."""
+    from refinery.pipeline import MODELS
+
+    made = [row for row in MODELS if row.path in stage.outs]
+    if not made:
+        return
+    from refinery import logged_models
+    from refinery.formats.prepared import load_split
+
+    example = logged_models.example_images(load_split(paths.PREPARED / "val.pt").images)
+    for row in made:
+        logged_models.log_model(run, row, example)
 
 
 def _headline(metrics: Mapping[str, Any], keys: Sequence[str]) -> dict[str, Any]:

@@ -80,10 +80,11 @@ from refinery.tracking_context import (
 from refinery.tracking_spool import ReplayReport
 
 __all__ = [
-    "DEFAULT_STORE_DIR", "DEFERRED_TAG", "FLOW_RUN_ID_ENV", "FLOW_RUN_NAME_ENV",
-    "FLOW_RUN_URL_ENV", "PIPELINE_ID_ENV", "PIPELINE_TAG", "ROLE_TAG", "STAGE_TAG", "Channel",
+    "DEFAULT_STORE_DIR", "DEFERRED_TAG", "DVC_EXPERIMENT_TAG", "FLOW_RUN_ID_ENV",
+    "FLOW_RUN_NAME_ENV", "FLOW_RUN_URL_ENV", "PIPELINE_ID_ENV", "PIPELINE_TAG", "ROLE_TAG",
+    "STAGE_TAG", "Channel",
     "NullRun", "PipelineRecord", "ReplayReport", "RunContext", "RunRef", "StageRecord",
-    "StageRun", "TrackingUnavailable", "begin_pipeline", "check_reachable",
+    "StageRun", "TrackingUnavailable", "begin_pipeline", "check_reachable", "dataset_entity",
     "default_tracking_uri", "dvc_lock_md5", "end_pipeline", "experiment_id", "flatten",
     "git_commit", "is_reachable", "pipeline_id", "run_url", "stage_run", "store_root",
     "sync_spool", "tracking_uri", "ui_base", "workspace_record",
@@ -93,6 +94,7 @@ log = logging.getLogger(__name__)
 
 HEADLINE_METRICS = Path("metrics/evaluate.json")  # the evaluate stage's headline numbers
 HEADLINE_STAGE = "evaluate"
+DVC_EXPERIMENT_TAG = "refinery.dvc_experiment"  # on a parent run: its DVC experiment's name
 
 
 def _numbers(path: Path, prefix: str = "") -> dict[str, float]:
@@ -121,6 +123,8 @@ class StageRun:
     _metrics: list[Any] = field(default_factory=list)
     _last_flush: float = field(default_factory=time.monotonic)
     flush_every_s: float = 15.0
+    #: logged models made by this run (row name -> model id), for its lineage file
+    models: dict[str, str] = field(default_factory=dict)
 
     @property
     def run_id(self) -> str:
@@ -172,6 +176,31 @@ class StageRun:
     def log_figure(self, figure: Any, artifact_file: str) -> None:
         self.channel.call(self.ref, "log_figure", figure, artifact_file)
 
+    # -- data sets and models ---------------------------------------------------------
+    def log_datasets(self, described: Mapping[str, Mapping[str, Any]],
+                     contexts: Sequence[tuple[str, str]]) -> None:
+        """Name the data sets this run read, with their role (``training``, ...), as
+        MLflow dataset inputs: the runs list's Datasets column and the run page show them.
+        ``described``: :func:`refinery.formats.prepared.datasets`."""
+        from mlflow.entities import DatasetInput, InputTag
+
+        inputs = [DatasetInput(dataset_entity(described[split]),
+                               [InputTag("mlflow.data.context", context)])
+                  for split, context in contexts if split in described]
+        if inputs:
+            self.channel.call(self.ref, "log_inputs", datasets=inputs)
+
+    def log_model_metrics(self, metrics: Mapping[str, float], model_id: str,
+                          dataset: Mapping[str, Any] | None = None) -> None:
+        """Metrics *of a logged model* (on a data set): they show on the model's page."""
+        from mlflow.entities import Metric
+
+        stamp = int(time.time() * 1000)
+        name, digest = (dataset["name"], dataset["digest"]) if dataset else (None, None)
+        batch = [Metric(k, float(v), stamp, 0, model_id=model_id, dataset_name=name,
+                        dataset_digest=digest) for k, v in metrics.items() if v is not None]
+        self.channel.log_batch(self.ref, metrics=batch)
+
     @contextlib.contextmanager
     def active(self) -> Iterator[bool]:
         """Make this run MLflow's active run, for APIs (model logging) that need one.
@@ -198,6 +227,9 @@ class NullRun:
     parent_run_id = None
     deferred = False
 
+    def __init__(self) -> None:
+        self.models: dict[str, str] = {}
+
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         return None
 
@@ -222,9 +254,37 @@ class NullRun:
     def log_figure(self, figure: Any, artifact_file: str) -> None:
         return None
 
+    def log_datasets(self, described: Mapping[str, Mapping[str, Any]],
+                     contexts: Sequence[tuple[str, str]]) -> None:
+        return None
+
+    def log_model_metrics(self, metrics: Mapping[str, float], model_id: str,
+                          dataset: Mapping[str, Any] | None = None) -> None:
+        return None
+
     @contextlib.contextmanager
     def active(self) -> Iterator[bool]:
         yield False
+
+
+def dataset_entity(described: Mapping[str, Any]) -> Any:
+    """An MLflow dataset record of one prepared split: metadata, not the pixels (they are
+    in DVC's cache). Source: the download URL (``http``), else the builtin set (``code``)."""
+    import numpy as np
+    from mlflow.entities import Dataset
+    from mlflow.types.schema import Schema, TensorSpec
+
+    profile = dict(described["profile"])
+    source = str(described["source"])
+    web = source.startswith(("http://", "https://"))
+    shape = (-1, profile["channels"], profile["side"], profile["side"])
+    features = Schema([TensorSpec(np.dtype(np.uint8), shape, "images"),
+                       TensorSpec(np.dtype(np.int64), (-1,), "labels")])
+    schema = {"mlflow_tensorspec": {"features": features.to_json(), "targets": None}}
+    return Dataset(name=str(described["name"]), digest=str(described["digest"]),
+                   source_type="http" if web else "code",
+                   source=json.dumps({"url": source} if web else {"tags": {"builtin": source}}),
+                   schema=json.dumps(schema), profile=json.dumps(profile))
 
 
 def _workspace_params(workspace: Path) -> dict[str, Any] | None:
@@ -271,6 +331,33 @@ def workspace_record(channel: Channel, context: RunContext, stages: Sequence[str
     return tags, metrics
 
 
+def _log_parent_datasets(channel: Channel, parent: RunRef, stages: Sequence[str],
+                         workspace: Path) -> None:
+    """The data sets of the recorded stages on the parent too, each with the role it first
+    had: the runs list folds the stage runs under their parent and shows the parent's."""
+    from refinery import paths
+    from refinery.pipeline import STAGES
+
+    try:  # prepare's descriptions (refinery.formats.prepared.describe), read without torch
+        meta = json.loads((workspace / paths.PREPARED / "meta.json").read_text("utf-8"))
+    except (OSError, ValueError):
+        return
+    described = meta.get("datasets") or {}
+    roles: dict[str, str] = {}
+    for stage in STAGES:
+        if stage.name in stages and stage.name != "prepare":
+            for split, context in stage.datasets:
+                roles.setdefault(split, context)
+    inputs = [(split, context) for split, context in roles.items() if split in described]
+    if inputs:
+        from mlflow.entities import DatasetInput, InputTag
+
+        channel.call(parent, "log_inputs", datasets=[
+            DatasetInput(dataset_entity(described[split]),
+                         [InputTag("mlflow.data.context", context)])
+            for split, context in inputs])
+
+
 def _metric_items(values: Mapping[str, float]) -> list[Any]:
     from mlflow.entities import Metric
 
@@ -290,6 +377,7 @@ def stage_run(
     experiment: str = "refinery",
     tags: Mapping[str, Any] | None = None,
     on_unreachable: OnUnreachable | None = None,
+    system_metrics: bool = False,
 ) -> Iterator[StageRun]:
     """Open the MLflow child run of one stage execution and close it with its outcome.
 
@@ -297,6 +385,8 @@ def stage_run(
     before anything expensive (``on_unreachable`` defaults to the
     workspace's ``tracking.on_unreachable``). On success it writes
     ``lineage/<stage>.json`` and records the stage on the parent run.
+    ``system_metrics``: sample CPU, memory (and GPU, with NVML) on the run
+    every ``tracking.system_metrics_s`` seconds while the stage works.
     """
     workspace = Path.cwd()
     full_params = _workspace_params(workspace)
@@ -313,10 +403,13 @@ def stage_run(
     ref = channel.create_run(experiment, {k: v for k, v in run_tags.items() if v}, stage)
     run = StageRun(channel=channel, ref=ref, parent=parent, stage=stage)
     run.log_params(params)
+    _announce(channel, experiment, ref, parent)
+    monitor = _system_metrics(channel, ref, full_params) if system_metrics else None
     started = time.monotonic()
     try:
         yield run
     except BaseException as exc:
+        _stop(monitor)
         with contextlib.suppress(Exception):
             run.flush()
             message = "".join(traceback.format_exception_only(type(exc), exc)).strip()
@@ -327,15 +420,54 @@ def stage_run(
             if not context.orchestrated:
                 channel.call(parent, "set_terminated", status="FAILED")
         raise
+    _stop(monitor)
     run.log_metrics({"stage_seconds": time.monotonic() - started})
     run.flush()
     channel.call(ref, "set_terminated", status="FINISHED")
     lineage.write(lineage.Lineage(
         stage=stage, pipeline_id=context.pipeline_id, experiment=experiment,
         run_id=ref.remote_id, parent_run_id=parent.remote_id, spool_run_id=ref.spool_id,
-        deferred=run.deferred, finished_at=lineage.Lineage.now(),
+        deferred=run.deferred, finished_at=lineage.Lineage.now(), models=dict(run.models),
     ), workspace)
     _record_on_parent(channel, context, parent, stage, workspace)
+
+
+def _announce(channel: Channel, experiment: str, ref: RunRef, parent: RunRef) -> None:
+    """Name the runs in the log, as links that open MLflow's training view."""
+    if not (channel.live and ref.remote_id and ui_base(channel.uri)):
+        return
+    exp = channel.remote_experiment(experiment)
+    log.info("MLflow: stage run %s, pipeline run %s", run_url(exp, ref.remote_id, channel.uri),
+             run_url(exp, parent.remote_id or "", channel.uri))
+
+
+def _system_metrics(channel: Channel, ref: RunRef, params: Mapping[str, Any] | None) -> Any:
+    """MLflow's own sampler (CPU, memory, disk, network; GPU when ``pynvml`` is installed)
+    on the stage's server run. Nothing while spooling: its samples would be lost anyway."""
+    if not (channel.live and ref.remote_id):
+        return None
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    interval = float(((params or {}).get("tracking") or {}).get("system_metrics_s", 5.0))
+    # MLflow logs "Started monitoring" at INFO, and "Skip logging GPU metrics" on every CPU box
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
+    monitor = SystemMetricsMonitor(ref.remote_id, sampling_interval=interval,
+                                   tracking_uri=channel.uri)
+    monitor.start()
+    return monitor
+
+
+def _stop(monitor: Any) -> None:
+    """Stop sampling, and send the samples of the last, partial interval too (MLflow drops
+    them, so a stage shorter than one interval would show none). A sampler that cannot
+    send (server gone) never fails the stage."""
+    if monitor is not None:
+        with contextlib.suppress(Exception):
+            monitor.finish()
+            pending = monitor.aggregate_metrics()
+            if pending:
+                monitor.publish_metrics(pending)
+                monitor.mlflow_logger.flush()
 
 
 def _record_on_parent(channel: Channel, context: RunContext, parent: RunRef, stage: str,
@@ -351,6 +483,7 @@ def _record_on_parent(channel: Channel, context: RunContext, parent: RunRef, sta
     try:
         tags, metrics = workspace_record(channel, context, upto, workspace)
         channel.log_batch(parent, metrics=_metric_items(metrics), tags=tags)
+        _log_parent_datasets(channel, parent, upto, workspace)
         if not context.orchestrated:
             channel.call(parent, "set_terminated", status="FINISHED")
     except Exception as exc:
@@ -394,8 +527,9 @@ def begin_pipeline(context: RunContext, params: Mapping[str, Any], workspace: Pa
 
 
 def end_pipeline(context: RunContext, params: Mapping[str, Any], stages: Sequence[str],
-                 workspace: Path, failed: bool) -> PipelineRecord:
-    """Record every stage of ``stages`` on the parent and close it.
+                 workspace: Path, failed: bool,
+                 tags: Mapping[str, str] | None = None) -> PipelineRecord:
+    """Record every stage of ``stages`` (and ``tags``) on the parent and close it.
 
     Never fails for tracking reasons: the stages' work is done, so an
     unreachable server here only defers these records to the spool.
@@ -403,8 +537,11 @@ def end_pipeline(context: RunContext, params: Mapping[str, Any], stages: Sequenc
     experiment = params.get("tracking", {}).get("experiment", "refinery")
     channel = Channel.open("defer", "recording the pipeline", root=workspace)
     parent = channel.parent(experiment, context, params)
+    extra = {k: v for k, v in (tags or {}).items() if v}
     tags, metrics = workspace_record(channel, context, stages, workspace)
+    tags.update(extra)
     channel.log_batch(parent, metrics=_metric_items(metrics), tags=tags)
+    _log_parent_datasets(channel, parent, stages, workspace)
     channel.call(parent, "set_terminated", status="FAILED" if failed else "FINISHED")
     records = [StageRecord(s, tags[f"refinery.stage.{s}"], tags[f"refinery.stage.{s}.state"])
                for s in stages if f"refinery.stage.{s}" in tags]

@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 from refinery import lineage
 from refinery.tracking_context import (
+    EXPERIMENT_KIND,
     PIPELINE_TAG,
     RunContext,
     TrackingUnavailable,
@@ -285,12 +286,16 @@ def _identity(tags: Mapping[str, str]) -> dict[str, str]:
 
 
 def experiment_id(client: Any, name: str, uri: str | None = None) -> str:
+    """The experiment's id, created (tagged as model training, not GenAI) if new."""
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
+        for key, value in EXPERIMENT_KIND.items():  # an experiment made before the tag
+            if experiment.tags.get(key) != value:
+                client.set_experiment_tag(experiment.experiment_id, key, value)
         return experiment.experiment_id
     location = artifact_location(uri or tracking_uri())
     try:
-        return client.create_experiment(name, artifact_location=location)
+        return client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
     except Exception:  # created concurrently by another stage
         experiment = client.get_experiment_by_name(name)
         if experiment is None:

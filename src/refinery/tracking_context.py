@@ -89,9 +89,21 @@ def ui_base(uri: str | None = None) -> str | None:
     return urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", ""))
 
 
+# MLflow 3.17's UI opens on its GenAI view in a fresh browser; this query opens the
+# training view (runs, datasets, models) instead (../shared/notes/stack-notes.md).
+TRAINING_VIEW = "?workflowType=machine_learning"
+# The experiment tag clients read for the kind of experiment (the UI's switch ignores it).
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
+def experiment_url(experiment_id: str, uri: str | None = None) -> str | None:
+    base = ui_base(uri)
+    return f"{base}/#/experiments/{experiment_id}{TRAINING_VIEW}" if base else None
+
+
 def run_url(experiment_id: str, run_id: str, uri: str | None = None) -> str | None:
     base = ui_base(uri)
-    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}" if base else None
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}{TRAINING_VIEW}" if base else None
 
 
 def git_commit(cwd: Path | None = None) -> str | None:

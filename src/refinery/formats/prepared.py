@@ -89,6 +89,28 @@ def content_digest(split: Split, classes: list[str]) -> str:
     return digest.hexdigest()
 
 
+def describe(split: Split, classes: list[str], name: str, source: str) -> dict[str, Any]:
+    """One split as a data set: name, content digest (16 hex), source, and the profile a
+    person checks first (images, per-class counts, side, channels). Written to
+    ``meta.json`` by ``prepare``; every run that reads the split logs it as is, so the
+    digests agree across stages by construction."""
+    counts = torch.bincount(split.labels, minlength=len(classes)).tolist()
+    return {
+        "name": name,
+        "digest": content_digest(split, classes)[:16],
+        "source": source,
+        "profile": {"images": len(split), "channels": int(split.images.shape[1]),
+                    "side": int(split.images.shape[-1]),
+                    "class_counts": dict(zip(classes, counts, strict=True))},
+    }
+
+
+def datasets(root: str | Path) -> dict[str, dict[str, Any]]:
+    """The split descriptions ``prepare`` wrote (empty for data prepared before them)."""
+    meta = json.loads((Path(root) / "meta.json").read_text())
+    return dict(meta.get("datasets") or {})
+
+
 def dataset_identity(root: str | Path) -> str:
     """``<source>:<test digest>``: which data set a test-set score was measured on.
 

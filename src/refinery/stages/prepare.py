@@ -229,6 +229,16 @@ def _as_split(images: np.ndarray, labels: np.ndarray, ids: list[str]) -> Any:
                  ids=ids)
 
 
+def _source_name(raw_meta: dict[str, Any]) -> tuple[str, str]:
+    """Where the data came from (the download URL, or ``builtin:digits``) and a short name
+    for its data sets (the archive's name without extensions, or ``digits``)."""
+    url = raw_meta.get("url")
+    if not url:
+        return "builtin:digits", "digits"
+    stem = Path(str(url).split("?")[0].rstrip("/")).name.split(".")[0] or "data"
+    return str(url), stem
+
+
 def prepare(p: PrepareParams, *, images: ImageParams, seed: int, raw_dir: Path,
             manifest_path: Path, out_dir: Path, workers: int | None = None,
             pixels_path: Path | None = None,
@@ -279,13 +289,20 @@ def prepare(p: PrepareParams, *, images: ImageParams, seed: int, raw_dir: Path,
     torch_import.join()
     import torch
 
-    from refinery.formats.prepared import save_split
+    from refinery.formats.prepared import describe, save_split
 
+    source, base = _source_name(raw.meta)
+    datasets: dict[str, dict[str, Any]] = {}
     with fsutil.atomic_dir(out_dir) as tmp:
         for name, r in rows.items():  # one packed split in memory at a time
             packed = _pack(pixels, r, histograms if name == "train" else None)
-            save_split(tmp / f"{name}.pt", _as_split(packed, labels[r], ids[r].tolist()))
-            del packed
+            split = _as_split(packed, labels[r], ids[r].tolist())
+            save_split(tmp / f"{name}.pt", split)
+            datasets[name] = describe(split, classes, f"{base}-{name}", source)
+            if name == "train":
+                chosen = _as_split(packed[labeled], labels[r][labeled], [])
+                datasets["labeled"] = describe(chosen, classes, f"{base}-labeled", source)
+            del packed, split
         mean, std = stats_from_histograms(histograms)  # train only: no leak from val/test
         meta = {
             "classes": classes,
@@ -304,6 +321,7 @@ def prepare(p: PrepareParams, *, images: ImageParams, seed: int, raw_dir: Path,
             "label_fraction": p.label_fraction,
             "source": raw.meta.get("source"),
             "source_sha256": raw.meta.get("sha256"),
+            "datasets": datasets,
         }
         torch.save({"indices": torch.from_numpy(labeled.astype(np.int64))}, tmp / "labeled.pt")
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")

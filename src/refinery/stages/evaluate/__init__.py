@@ -33,7 +33,7 @@ from refinery import fsutil, models, paths, stage
 from refinery.formats import int8 as int8_format
 from refinery.formats.prepared import load_prepared, load_split
 from refinery.params import EvaluateParams, Params
-from refinery.pipeline import MODELS, ModelRow, int8_row, stage_named
+from refinery.pipeline import MODELS, ModelRow, int8_row, model_row, stage_named
 from refinery.stages.evaluate import baselines
 from refinery.stages.evaluate import cost as cost_lib
 from refinery.stages.evaluate.evidence import Evidence, gather
@@ -223,7 +223,9 @@ def _cost_note(rows: Sequence[ModelRow], reports: dict[str, ModelReport],
 def main(params: Params, args: argparse.Namespace) -> None:
     """The adapter (:mod:`refinery.stage`): ``python -m refinery evaluate``, then the
     registry gate (:mod:`refinery.stages.evaluate.registry`)."""
-    from refinery.formats.prepared import dataset_identity
+    from refinery import logged_models
+    from refinery.formats.prepared import dataset_identity, datasets
+    from refinery.logged_models import logged_model_ids
     from refinery.stages.evaluate import registry
 
     declared = stage_named("evaluate")
@@ -236,11 +238,16 @@ def main(params: Params, args: argparse.Namespace) -> None:
         stage.finish(declared, run, result.metrics(), warnings=[
             f"{name} is not better than the majority baseline" for name in flagged])
         run.set_tags({"refinery.not_better_than_majority": ",".join(flagged) or "none"})
+        model_ids = logged_model_ids()
+        test_set = datasets(paths.PREPARED).get("test")
+        for name, values in result.metrics().items():  # on each model's page in MLflow
+            if name in model_ids:
+                run.log_model_metrics(values, model_ids[name], test_set)
         test = load_split(paths.PREPARED / "test.pt")
         int8_report = result.reports[deployable.name]
         registry.register(
-            run, params.registry, models.load_model(paths.TEACHER), deployable.file,
-            example=(test.images[:2].float() / 255).numpy(),
+            run, params.registry, {"teacher": model_row("teacher"), "student": deployable},
+            model_ids, example=logged_models.example_images(test.images),
             candidate=registry.Candidate(
                 accuracy=int8_report.accuracy,
                 latency_p50_ms=int8_report.cost.latency.p50_ms,

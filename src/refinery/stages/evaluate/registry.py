@@ -18,15 +18,16 @@ switch to a model of other data; give each data set its own
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from refinery import fsutil
 from refinery.params import GateParams, RegistryParams
+from refinery.pipeline import ModelRow
 
 log = logging.getLogger(__name__)
 
@@ -97,13 +98,6 @@ def decide(candidate: Candidate, gate: GateParams, champion: Champion | None) ->
                         previous_champion=champion.version if champion else None)
 
 
-def _requirements() -> list[str]:
-    import mlflow
-
-    return [f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}",
-            f"numpy=={np.__version__}"]
-
-
 def _champion(client: Any, name: str) -> Champion | None:
     from mlflow.exceptions import MlflowException
 
@@ -116,28 +110,32 @@ def _champion(client: Any, name: str) -> Champion | None:
                     version.tags.get(DATASET_TAG))
 
 
-def register(run: Any, reg: RegistryParams, teacher: torch.nn.Module, int8_program: Path,
-             example: np.ndarray, candidate: Candidate, tags: dict[str, str],
-             out_file: Path) -> GateDecision:
-    """Log teacher and int8 student as registered MLflow models; gate the champion alias."""
+def register(run: Any, reg: RegistryParams, rows: Mapping[str, ModelRow],
+             model_ids: Mapping[str, str], example: np.ndarray, candidate: Candidate,
+             tags: dict[str, str], out_file: Path) -> GateDecision:
+    """Register the teacher and the int8 student from their logged models; gate the
+    champion alias.
+
+    ``rows``: ``{"teacher": ..., "student": ...}``; ``model_ids``: the logged
+    models their stages made (by row name). A model without one (its stage ran
+    while the server was unreachable) is logged on this run first.
+    """
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from refinery.stages.evaluate import int8_pyfunc
+    from refinery import logged_models
 
-    with run.active():
-        teacher_info = mlflow.pytorch.log_model(
-            teacher.eval(), name="teacher", input_example=example,
-            registered_model_name=reg.teacher_name, pip_requirements=_requirements())
-        student_info = mlflow.pyfunc.log_model(
-            name="student_int8", python_model=int8_pyfunc.__file__,
-            artifacts={"program": str(int8_program)}, input_example=example,
-            registered_model_name=reg.student_name, pip_requirements=_requirements())
+    ids = {role: model_ids.get(row.name)
+           or logged_models.log_model(run, row, example, spooled=True)
+           for role, row in rows.items()}
+    with run.active():  # the registry the run's records go to (the server, or the spool)
+        teacher_mv = mlflow.register_model(f"models:/{ids['teacher']}", reg.teacher_name)
+        student_mv = mlflow.register_model(f"models:/{ids['student']}", reg.student_name)
     client = MlflowClient()
-    version = str(student_info.registered_model_version)
+    version = str(student_mv.version)
     decision = decide(candidate, reg.gate, _champion(client, reg.student_name))
     decision.version = version
-    decision.teacher_version = str(teacher_info.registered_model_version)
+    decision.teacher_version = str(teacher_mv.version)
     version_tags = {
         "test_accuracy": f"{candidate.accuracy:.6f}",
         "latency_p50_ms": f"{candidate.latency_p50_ms:.4f}",
