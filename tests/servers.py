@@ -10,6 +10,7 @@ repository, so ``dvc repro``/``dvc exp run`` never touch the real checkout.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -20,6 +21,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -140,18 +142,113 @@ class ServerProcess:
             return
 
 
-class MlflowServer(ServerProcess):
-    """The team server script (``mlflow/server.sh``) with a sqlite backend and a
-    local artifact folder instead of PostgreSQL and S3: same flags, same code path."""
+class PostgresCluster:
+    """A real PostgreSQL cluster of its own (``initdb`` + ``pg_ctl``) on a loopback port,
+    password-authenticated over TCP like the team's database server.
 
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
+    PostgreSQL refuses to run as root; as root, its commands run as the ``postgres``
+    user that Debian's package creates (``.ci/run`` installs it).
+    """
+
+    PASSWORD = "refinery-tests-db"
+
+    def __init__(self) -> None:
+        # Not under pytest's temp folder: that is private to the user running the tests
+        # (mode 0700), and the cluster's owner must reach its directory.
+        self.root = Path(tempfile.mkdtemp(prefix="refinery-postgres-"))
+        self.data = self.root / "data"
+        self.port = free_port()
+
+    @staticmethod
+    def _bin(tool: str) -> str:
+        found = shutil.which(tool) or next(iter(sorted(
+            Path("/usr/lib/postgresql").glob(f"*/bin/{tool}"), reverse=True)), None)
+        if found is None:
+            raise RuntimeError(f"PostgreSQL's {tool} is not installed (Debian: apt-get install "
+                               "postgresql; .ci/run does it)")
+        return str(found)
+
+    def _as_owner(self, argv: list[str]) -> list[str]:
+        return ["runuser", "-u", "postgres", "--", *argv] if os.geteuid() == 0 else argv
+
+    def start(self) -> PostgresCluster:
+        secret = self.root / "pwfile"
+        secret.write_text(self.PASSWORD + "\n")
+        if os.geteuid() == 0:
+            for path in (self.root, secret):
+                shutil.chown(path, "postgres", "postgres")
+        run(self._as_owner([self._bin("initdb"), "-D", str(self.data), "-U", "postgres",
+                            "--pwfile", str(secret), "--auth-host", "scram-sha-256",
+                            "--auth-local", "peer", "-E", "UTF8", "--no-sync"]), self.root)
+        run(self._as_owner([self._bin("pg_ctl"), "-D", str(self.data), "-l",
+                            str(self.root / "postgres.log"), "-w", "-t", "120", "-o",
+                            f"-h 127.0.0.1 -p {self.port} -k {self.root} -c fsync=off", "start"]),
+            self.root)
+        return self
+
+    def create_database(self, name: str) -> str:
+        self.sql(f"CREATE DATABASE {name}")
+        return self.uri(name)
+
+    def sql(self, statement: str, database: str = "postgres") -> str:
+        """Run one statement as the superuser, over TCP with the password."""
+        env = tool_env({"PGPASSWORD": self.PASSWORD})
+        return run([self._bin("psql"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres",
+                    "-d", database, "-tA", "-v", "ON_ERROR_STOP=1", "-c", statement],
+                   self.root, env).stdout.strip()
+
+    def uri(self, database: str) -> str:
+        return f"postgresql://postgres:{self.PASSWORD}@127.0.0.1:{self.port}/{database}"
+
+    def stop(self) -> None:
+        subprocess.run(self._as_owner([self._bin("pg_ctl"), "-D", str(self.data), "-m", "fast",
+                                       "-w", "stop"]), capture_output=True, timeout=60)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class TeamAuth:
+    """The basic-auth set-up of the team server: the admin (password from a file, as
+    README says) and the users the tests sign in as."""
+
+    admin_password_file: Path
+    database_uri: str
+    users: Mapping[str, str]  # username -> password (created by the admin after start)
+
+    ADMIN = "admin"
+
+    @property
+    def admin_password(self) -> str:
+        return self.admin_password_file.read_text().strip()
+
+    def server_env(self) -> dict[str, str]:
+        return {"MLFLOW_AUTH_DATABASE_URI": self.database_uri,
+                "MLFLOW_AUTH_ADMIN_PASSWORD_FILE": str(self.admin_password_file)}
+
+    def client_env(self, user: str) -> dict[str, str]:
+        return {"MLFLOW_TRACKING_USERNAME": user, "MLFLOW_TRACKING_PASSWORD": self.users[user]}
+
+
+class MlflowServer(ServerProcess):
+    """The team server script (``mlflow/server.sh``).
+
+    By default with a sqlite backend, on loopback without authentication; with
+    ``backend`` (a PostgreSQL URI) and ``auth``, the team's set-up: same script,
+    same flags, the same code path as production.
+    """
+
+    def __init__(self, workdir: Path, port: int | None = None, backend: str | None = None,
+                 auth: TeamAuth | None = None, database: PostgresCluster | None = None) -> None:
         self.port = port or free_port()
         self.workdir = workdir
+        self.auth = auth
+        self.database = database  # the PostgreSQL cluster behind ``backend``, if any
         workdir.mkdir(parents=True, exist_ok=True)
         env = tool_env({
-            "MLFLOW_BACKEND_STORE_URI": f"sqlite:///{workdir / 'mlflow.db'}",
+            "MLFLOW_BACKEND_STORE_URI": backend or f"sqlite:///{workdir / 'mlflow.db'}",
             "MLFLOW_ARTIFACTS_DESTINATION": str(workdir / "artifacts"),
             "MLFLOW_HOST": "127.0.0.1", "MLFLOW_PORT": str(self.port), "MLFLOW_WORKERS": "1",
+            **(auth.server_env() if auth else {"MLFLOW_AUTH": "none"}),
         })
         super().__init__("mlflow server", ["bash", str(REPO / "mlflow" / "server.sh")],
                          f"{self.uri}/health", env, workdir / "server.log")
@@ -160,7 +257,33 @@ class MlflowServer(ServerProcess):
     def uri(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    def start(self) -> MlflowServer:
+        super().start()
+        if self.auth is not None:
+            admin = (TeamAuth.ADMIN, self.auth.admin_password)
+            for user, password in self.auth.users.items():
+                response = requests.post(f"{self.uri}/api/2.0/mlflow/users/create", timeout=60,
+                                         json={"username": user, "password": password},
+                                         auth=admin)
+                if response.status_code != 200 and "already exists" not in response.text:
+                    raise RuntimeError(f"could not create MLflow user {user}: {response.text}")
+        return self
+
+    def browser_url(self, fragment: str, user: str = "viewer") -> str:
+        """A UI address for a browser: signed in as ``user`` (basic auth in the URL) when
+        the server wants it, and on MLflow's training view (see tracking_context)."""
+        from urllib.parse import quote
+
+        sign_in = ""
+        if self.auth is not None:
+            sign_in = f"{quote(user)}:{quote(self.auth.users[user])}@"
+        separator = "&" if "?" in fragment else "?"
+        return (f"http://{sign_in}127.0.0.1:{self.port}/#/{fragment.lstrip('/')}"
+                f"{separator}workflowType=machine_learning")
+
     def client(self) -> Any:
+        """A client signed in as the process environment says (the tests: the pipeline's
+        user, see :func:`mlflow_server`)."""
         from mlflow.tracking import MlflowClient
 
         return MlflowClient(tracking_uri=self.uri)
@@ -176,7 +299,11 @@ class PrefectServer(ServerProcess):
 
     ``scheduler``: off by default (a 02:00 nightly run must not join the tests);
     on, it loops every few seconds so a schedule's runs appear within a test.
+    Protected as README's team server is (``PREFECT_SERVER_API_AUTH_STRING``):
+    every client here, workers and flows included, sends :attr:`AUTH`.
     """
+
+    AUTH = "refinery:prefect-tests-secret"
 
     def __init__(self, home: Path, scheduler: bool = False) -> None:
         self.port = free_port()
@@ -190,6 +317,7 @@ class PrefectServer(ServerProcess):
                         "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": str(scheduler).lower(),
                         "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "5",
                         "PREFECT_SERVER_SERVICES_TRIGGERS_ENABLED": "false",
+                        "PREFECT_SERVER_API_AUTH_STRING": self.AUTH,
                         "PREFECT_SERVER_DATABASE_TIMEOUT": "60",
                         "PREFECT_SERVER_DATABASE_CONNECTION_TIMEOUT": "30"})
         super().__init__("prefect server", argv, f"{self.api_url}/health", env,
@@ -206,7 +334,8 @@ class PrefectServer(ServerProcess):
 
     def client_env(self) -> dict[str, str]:
         """Environment for CLI calls and workers talking to this server."""
-        return {"PREFECT_API_URL": self.api_url, "PREFECT_HOME": str(self.home)}
+        return {"PREFECT_API_URL": self.api_url, "PREFECT_HOME": str(self.home),
+                "PREFECT_API_AUTH_STRING": self.AUTH}
 
     def api(self, method: str, path: str, body: Any = None, attempts: int = 6) -> Any:
         """A REST call; a busy sqlite-backed server may answer 5xx ("database is locked")
@@ -214,7 +343,7 @@ class PrefectServer(ServerProcess):
         for attempt in range(attempts):
             try:
                 response = requests.request(method, f"{self.api_url}{path}", json=body,
-                                            timeout=60)
+                                            timeout=60, auth=tuple(self.AUTH.split(":", 1)))
             except requests.ConnectionError:
                 if attempt == attempts - 1:
                     raise
@@ -295,19 +424,44 @@ class TcpProxy:
 _SHARED: dict[str, ServerProcess] = {}
 
 
+#: The team server's users: the pipeline's (edits what it creates) and a reader.
+PIPELINE_USER, VIEWER = "pipeline", "viewer"
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
-    """One MLflow server for the session, shared by every module that imports this fixture."""
+    """One MLflow server for the session, shared by every module that imports this fixture:
+    the team set-up of ``mlflow/README.md`` (PostgreSQL for runs and registry, a second
+    PostgreSQL database for users, basic-auth, artifacts proxied to a folder). The test
+    process and every stage it starts sign in as the pipeline's user."""
     if "mlflow" in _SHARED:
         yield _SHARED["mlflow"]  # type: ignore[misc]
         return
-    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server")).start()
-    _SHARED["mlflow"] = server
+    root = tmp_path_factory.mktemp("mlflow-server")
+    database = PostgresCluster().start()
+    secret = root / "admin-password"
+    secret.write_text("refinery-tests-admin\n")
+    secret.chmod(0o600)
+    auth = TeamAuth(secret, database.create_database("mlflow_auth"),
+                    {PIPELINE_USER: "pipeline-secret", VIEWER: "viewer-secret"})
+    saved = {key: os.environ.get(key) for key in auth.client_env(PIPELINE_USER)}
+    os.environ.update(auth.client_env(PIPELINE_USER))
     try:
-        yield server
+        server = MlflowServer(root, backend=database.create_database("mlflow"), auth=auth,
+                              database=database).start()
+        _SHARED["mlflow"] = server
+        try:
+            yield server
+        finally:
+            _SHARED.pop("mlflow", None)
+            server.stop()
     finally:
-        _SHARED.pop("mlflow", None)
-        server.stop()
+        database.stop()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 @pytest.fixture(scope="session")
@@ -436,3 +590,22 @@ def children(client: Any, parent_id: str, experiment: str = "refinery") -> dict[
     """Stage name -> child run of a parent."""
     found = runs(client, experiment, f"tags.`mlflow.parentRunId` = '{parent_id}'")
     return {run.data.tags["refinery.stage"]: run for run in found}
+
+
+def exp_show(ws: Path, env: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """``dvc exp show --json``: experiment name -> its ``data`` (params, metrics)."""
+    out = run([str(BIN / "dvc"), "exp", "show", "--json"], ws, env).stdout
+    found: dict[str, dict[str, Any]] = {}
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            if node.get("name") and isinstance(node.get("data"), dict):
+                found[node["name"]] = node["data"]
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(json.loads(out))
+    return found

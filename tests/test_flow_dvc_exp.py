@@ -23,6 +23,7 @@ from servers import (
     REPO,
     MlflowServer,
     children,
+    exp_show,
     parents,
     run,
     workspace_copy,
@@ -39,17 +40,6 @@ UPSTREAM = ("download", "validate")  # stages prepare.label_fraction does not re
 SCREENSHOT = REPO / "docs" / "mlflow-compare.png"
 
 
-def _exp_show(ws: Path, env: dict[str, str]) -> dict[str, dict[str, Any]]:
-    """Experiment name -> its ``data`` block in ``dvc exp show --json``."""
-    shown = json.loads(run([str(BIN / "dvc"), "exp", "show", "--json"], ws, env).stdout)
-    found: dict[str, dict[str, Any]] = {}
-    for baseline in shown:
-        for experiment in baseline.get("experiments") or []:
-            for rev in experiment["revs"]:
-                found[rev["name"]] = rev["data"]
-    return found
-
-
 @pytest.fixture(scope="module")
 def experiments(mlflow_server: MlflowServer, dvc_cache: Path,
                 tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
@@ -60,7 +50,7 @@ def experiments(mlflow_server: MlflowServer, dvc_cache: Path,
             ws, env)
     client = mlflow_server.client()
     by_name = {p.data.tags.get("refinery.dvc_experiment"): p for p in parents(client)}
-    return {"ws": ws, "show": _exp_show(ws, env), "client": client,
+    return {"ws": ws, "show": exp_show(ws, env), "client": client,
             "parents": {name: by_name.get(name) for name in EXPERIMENTS}}
 
 
@@ -116,8 +106,8 @@ def test_mlflow_compare_view_screenshot(experiments: dict[str, Any],
     found = experiments["parents"]
     run_ids = [found[name].info.run_id for name in EXPERIMENTS]
     experiment_id = found["frac-20"].info.experiment_id
-    url = (f"{mlflow_server.uri}/#/compare-runs?runs={quote(json.dumps(run_ids))}"
-           f"&experiments={quote(json.dumps([experiment_id]))}")
+    url = mlflow_server.browser_url(f"compare-runs?runs={quote(json.dumps(run_ids))}"
+                                    f"&experiments={quote(json.dumps([experiment_id]))}")
     profile = tmp_path / "chromium-profile"
     dom = browser.dump_dom(url, profile)
     assert "Comparing 2 Runs" in dom
