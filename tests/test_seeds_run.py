@@ -18,7 +18,6 @@ MLflow run over the seeds.
 from __future__ import annotations
 
 import csv
-import json
 import subprocess
 from collections.abc import Iterator
 from datetime import datetime
@@ -27,7 +26,7 @@ from typing import Any
 
 import pytest
 from pipeline_run import PipelineRun
-from servers import BIN, children, run, runs, workspace_env
+from servers import BIN, children, exp_show, runs, workspace_env
 
 from refinery.pipeline import data_stages
 from refinery.seeds import experiment_metrics, experiment_refs
@@ -36,6 +35,7 @@ pytestmark = pytest.mark.slow
 
 #: Tiny training for every seed: these tests are about the machinery.
 TINY = ["pretrain.epochs=1", "finetune.epochs=3", "distill.epochs=1", "prune.epochs=1",
+        "pretrain.min_steps=0", "distill.min_steps=0", "prune.min_steps=0",
         "quantize.calibration_images=64", "quantize.qat_if_drop_above=100.0"]
 SETS = [arg for item in TINY for arg in ("--set", item)]
 DATA_STAGES = {stage.name for stage in data_stages()}
@@ -48,25 +48,6 @@ def seeds_ws(tmp_path_factory: pytest.TempPathFactory, pipeline_run: PipelineRun
     env = workspace_env(ws, {"MLFLOW_TRACKING_URI": pipeline_run.mlflow.uri,
                              **prefect_server.client_env()})
     yield ws, env
-
-
-def _exp_show(ws: Path, env: dict[str, str]) -> dict[str, dict[str, Any]]:
-    """``dvc exp show --json``: experiment name -> its params and evaluate metrics."""
-    out = run([str(BIN / "dvc"), "exp", "show", "--json"], ws, env).stdout
-    found: dict[str, dict[str, Any]] = {}
-
-    def walk(node: Any) -> None:
-        if isinstance(node, dict):
-            if node.get("name") and isinstance(node.get("data"), dict):
-                found[node["name"]] = node["data"]
-            for value in node.values():
-                walk(value)
-        elif isinstance(node, list):
-            for value in node:
-                walk(value)
-
-    walk(json.loads(out))
-    return found
 
 
 def _window(run_: Any) -> tuple[int, int]:
@@ -119,7 +100,7 @@ def test_refinery_seeds_runs_dvc_experiments_two_at_a_time(seeds_ws, pipeline_ru
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "data stages up to date in the workspace" in done.stdout
     assert "refinery seeds: 2 seeds in" in done.stdout
-    shown = _exp_show(ws, env)
+    shown = exp_show(ws, env)
     for seed in (0, 1):
         data = shown[f"cli-seed{seed}"]
         params = data["params"]["params.yaml"]["data"]
@@ -173,7 +154,7 @@ def test_the_prefect_seeds_flow_fans_seeds_out_as_tasks(seeds_ws, pipeline_run,
     artifacts = prefect_server.api("POST", "/artifacts/filter", {
         "artifacts": {"key": {"any_": ["refinery-seeds-summary"]}}})
     assert artifacts and "# Seeds: flow" in artifacts[0]["data"]
-    shown = _exp_show(ws, env)
+    shown = exp_show(ws, env)
     assert {"flow-seed0", "flow-seed1"} <= set(shown)
     # the same params and code as the first run: DVC restored every stage from the
     # run-cache, so the numbers are the first run's, exactly
