@@ -20,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -269,17 +269,24 @@ class MlflowServer(ServerProcess):
                     raise RuntimeError(f"could not create MLflow user {user}: {response.text}")
         return self
 
-    def browser_url(self, fragment: str, user: str = "viewer") -> str:
-        """A UI address for a browser: signed in as ``user`` (basic auth in the URL) when
-        the server wants it, and on MLflow's training view (see tracking_context)."""
-        from urllib.parse import quote
+    @contextlib.contextmanager
+    def browser(self, user: str = "viewer") -> Iterator[Callable[[str], str]]:
+        """UI addresses for a browser: signed in as ``user`` when the server wants it
+        (through :class:`browser.SignedInProxy`), on MLflow's training view."""
+        import browser
 
-        sign_in = ""
-        if self.auth is not None:
-            sign_in = f"{quote(user)}:{quote(self.auth.users[user])}@"
-        separator = "&" if "?" in fragment else "?"
-        return (f"http://{sign_in}127.0.0.1:{self.port}/#/{fragment.lstrip('/')}"
-                f"{separator}workflowType=machine_learning")
+        def url(base: str) -> Callable[[str], str]:
+            def page(fragment: str) -> str:
+                separator = "&" if "?" in fragment else "?"
+                return (f"{base}/#/{fragment.lstrip('/')}"
+                        f"{separator}workflowType=machine_learning")
+            return page
+
+        if self.auth is None:
+            yield url(self.uri)
+            return
+        with browser.SignedInProxy(self.uri, user, self.auth.users[user]) as proxy:
+            yield url(proxy.uri)
 
     def client(self) -> Any:
         """A client signed in as the process environment says (the tests: the pipeline's

@@ -106,14 +106,15 @@ def test_mlflow_compare_view_screenshot(experiments: dict[str, Any],
     found = experiments["parents"]
     run_ids = [found[name].info.run_id for name in EXPERIMENTS]
     experiment_id = found["frac-20"].info.experiment_id
-    url = mlflow_server.browser_url(f"compare-runs?runs={quote(json.dumps(run_ids))}"
-                                    f"&experiments={quote(json.dumps([experiment_id]))}")
     profile = tmp_path / "chromium-profile"
-    dom = browser.dump_dom(url, profile)
-    assert "Comparing 2 Runs" in dom
-    for name in EXPERIMENTS:
-        assert f"exp {name}" in dom
-    shot = browser.screenshot(url, tmp_path / "compare.png", profile)
+    with mlflow_server.browser() as page:  # signed in as a reader of the team server
+        url = page(f"compare-runs?runs={quote(json.dumps(run_ids))}"
+                   f"&experiments={quote(json.dumps([experiment_id]))}")
+        dom = browser.dump_dom(url, profile)
+        assert "Comparing 2 Runs" in dom
+        for name in EXPERIMENTS:
+            assert f"exp {name}" in dom
+        shot = browser.screenshot(url, tmp_path / "compare.png", profile)
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
     # docs/ keeps the committed image unless asked, so test runs do not dirty git
     if not SCREENSHOT.exists() or os.environ.get("REFINERY_UPDATE_DOCS") == "1":

@@ -154,12 +154,12 @@ def test_the_ui_shows_datasets_and_model_metrics(pipeline_run: PipelineRun,
              "model": (f"experiments/{experiment}/models/{quantize.models[int8_row().name]}",
                        [int8_row().name, "accuracy", "latency_p50_ms"])}
     for key, (fragment, expected) in pages.items():
-        url = server.browser_url(fragment)
         profile = tmp_path / f"profile-{key}"
-        dom = browser.dump_dom(url, profile)
-        for text in expected:
-            assert text in dom, (key, text)
-        shot = browser.screenshot(url, tmp_path / f"{key}.png", profile)
+        with server.browser() as page:  # signed in as a reader
+            dom = browser.dump_dom(page(fragment), profile)
+            for text in expected:
+                assert text in dom, (key, text)
+            shot = browser.screenshot(page(fragment), tmp_path / f"{key}.png", profile)
         assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
         if not SCREENSHOTS[key].exists() or os.environ.get("REFINERY_UPDATE_DOCS") == "1":
             with fsutil.atomic_path(SCREENSHOTS[key]) as tmp:
