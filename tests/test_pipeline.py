@@ -153,9 +153,19 @@ def test_a_champion_of_another_test_set_is_not_compared(pipeline_run: PipelineRu
     test = torch.load(ws / "data/prepared/test.pt", weights_only=True)
     torch.save({"images": test["images"][:-9].clone(), "labels": test["labels"][:-9].clone(),
                 "ids": test["ids"][:-9]}, ws / "data/prepared/test.pt")
+    # and the teacher's lineage names a logged model this server never saw (outputs
+    # restored from another team's cache, or a reset server): evaluate logs it itself
+    record = json.loads((ws / "lineage/finetune.json").read_text())
+    record["models"]["teacher"] = "m-" + "0" * 32
+    (ws / "lineage/finetune.json").write_text(json.dumps(record))
     decision = _evaluate(ws, pipeline_run.env)
     assert decision["promote"] is False
     assert "was measured on another data set" in decision["reasons"][-1]
+    logged_here = json.loads((ws / "lineage/evaluate.json").read_text())["models"]
+    assert set(logged_here) == {"teacher"}  # the others were known: not logged again
+    client = pipeline_run.mlflow.client()
+    teacher = client.get_model_version(decision["teacher_model"], decision["teacher_version"])
+    assert teacher.source == f"models:/{logged_here['teacher']}"
 
 
 def test_the_champion_loads_in_a_fresh_process_and_predicts_as_the_program(

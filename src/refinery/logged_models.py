@@ -11,13 +11,15 @@ and the registry registers versions from those ids, so a version links back
 to the model, its run and its numbers.
 
 While the tracking server is unreachable (``tracking.on_unreachable:
-defer``) nothing is logged here: a model in the spool has an id the server
-never sees. ``evaluate`` logs a model that has no id when it registers it.
+defer``) a training stage logs no model: a model in the spool has an id the
+server never sees. ``evaluate`` logs every model whose id the server does not
+know (:func:`ensure_logged`) before it scores and registers them.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -85,3 +87,19 @@ def logged_model_ids(workspace: Path | None = None) -> dict[str, str]:
         if record is not None:
             ids.update({name: record.models[name] for name in made if name in record.models})
     return ids
+
+
+def ensure_logged(run: Any, rows: Sequence[ModelRow], example: np.ndarray,
+                  workspace: Path | None = None) -> dict[str, str]:
+    """Row name -> logged model id for every row, on the server ``run`` logs to: the
+    ids the stages' lineage files name, when that server knows them; the others (a stage
+    that ran while the server was unreachable, or against another server) are logged
+    now, on ``run`` (while it is spooled, in the spool)."""
+    known = {name: model_id for name, model_id in logged_model_ids(workspace).items()
+             if run.has_model(model_id)}
+    for row in rows:
+        if row.name not in known:
+            model_id = log_model(run, row, example, spooled=True)
+            if model_id is not None:
+                known[row.name] = model_id
+    return known

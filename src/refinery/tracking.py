@@ -201,6 +201,17 @@ class StageRun:
                         dataset_digest=digest) for k, v in metrics.items() if v is not None]
         self.channel.log_batch(self.ref, metrics=batch)
 
+    def has_model(self, model_id: str) -> bool:
+        """Whether the server this run logs to knows the logged model (a lineage file
+        restored by DVC may name one of another server, or of a reset one)."""
+        if not (self.channel.live and self.ref.remote_id):
+            return False
+        try:
+            self.channel.remote.get_logged_model(model_id)
+        except Exception:
+            return False
+        return True
+
     @contextlib.contextmanager
     def active(self) -> Iterator[bool]:
         """Make this run MLflow's active run, for APIs (model logging) that need one.
@@ -261,6 +272,9 @@ class NullRun:
     def log_model_metrics(self, metrics: Mapping[str, float], model_id: str,
                           dataset: Mapping[str, Any] | None = None) -> None:
         return None
+
+    def has_model(self, model_id: str) -> bool:
+        return False
 
     @contextlib.contextmanager
     def active(self) -> Iterator[bool]:

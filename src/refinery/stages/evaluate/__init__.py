@@ -225,7 +225,6 @@ def main(params: Params, args: argparse.Namespace) -> None:
     registry gate (:mod:`refinery.stages.evaluate.registry`)."""
     from refinery import logged_models
     from refinery.formats.prepared import dataset_identity, datasets
-    from refinery.logged_models import logged_model_ids
     from refinery.stages.evaluate import registry
 
     declared = stage_named("evaluate")
@@ -238,16 +237,17 @@ def main(params: Params, args: argparse.Namespace) -> None:
         stage.finish(declared, run, result.metrics(), warnings=[
             f"{name} is not better than the majority baseline" for name in flagged])
         run.set_tags({"refinery.not_better_than_majority": ",".join(flagged) or "none"})
-        model_ids = logged_model_ids()
+        test = load_split(paths.PREPARED / "test.pt")
+        model_ids = logged_models.ensure_logged(run, MODELS,
+                                                logged_models.example_images(test.images))
         test_set = datasets(paths.PREPARED).get("test")
         for name, values in result.metrics().items():  # on each model's page in MLflow
             if name in model_ids:
                 run.log_model_metrics(values, model_ids[name], test_set)
-        test = load_split(paths.PREPARED / "test.pt")
         int8_report = result.reports[deployable.name]
         registry.register(
             run, params.registry, {"teacher": model_row("teacher"), "student": deployable},
-            model_ids, example=logged_models.example_images(test.images),
+            model_ids,
             candidate=registry.Candidate(
                 accuracy=int8_report.accuracy,
                 latency_p50_ms=int8_report.cost.latency.p50_ms,

@@ -23,8 +23,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from refinery import fsutil
 from refinery.params import GateParams, RegistryParams
 from refinery.pipeline import ModelRow
@@ -111,23 +109,18 @@ def _champion(client: Any, name: str) -> Champion | None:
 
 
 def register(run: Any, reg: RegistryParams, rows: Mapping[str, ModelRow],
-             model_ids: Mapping[str, str], example: np.ndarray, candidate: Candidate,
+             model_ids: Mapping[str, str], candidate: Candidate,
              tags: dict[str, str], out_file: Path) -> GateDecision:
     """Register the teacher and the int8 student from their logged models; gate the
     champion alias.
 
-    ``rows``: ``{"teacher": ..., "student": ...}``; ``model_ids``: the logged
-    models their stages made (by row name). A model without one (its stage ran
-    while the server was unreachable) is logged on this run first.
+    ``rows``: ``{"teacher": ..., "student": ...}``; ``model_ids``: their logged
+    models on the server the run logs to (:func:`refinery.logged_models.ensure_logged`).
     """
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from refinery import logged_models
-
-    ids = {role: model_ids.get(row.name)
-           or logged_models.log_model(run, row, example, spooled=True)
-           for role, row in rows.items()}
+    ids = {role: model_ids[row.name] for role, row in rows.items()}
     with run.active():  # the registry the run's records go to (the server, or the spool)
         teacher_mv = mlflow.register_model(f"models:/{ids['teacher']}", reg.teacher_name)
         student_mv = mlflow.register_model(f"models:/{ids['student']}", reg.student_name)
