@@ -118,7 +118,7 @@ def refinery_pipeline(
                     )
                 results.append(runner(stage, str(root), context.env()))
             if overrides:  # params.yaml still holds them: the workspace is the experiment
-                tags = _save_experiment(context, started, root, logger)
+                tags = _save_experiment(context, started, root, plan, logger)
         except BaseException as exc:
             error = str(exc)
             raise
@@ -129,14 +129,14 @@ def refinery_pipeline(
 
 
 def _save_experiment(context: tracking.RunContext, started: tracking.PipelineRecord,
-                     root: Path, logger: Any) -> dict[str, str]:
+                     root: Path, plan: list[str], logger: Any) -> dict[str, str]:
     """A run with overrides is a DVC experiment too (``dvc exp show`` lists it with its
     params and metrics): named after the flow run, its message names the MLflow parent,
     and the parent is tagged with its name."""
     name = experiment_name(context.flow_run_name, context.flow_run_id or "")
     message = (f"Prefect flow run {context.flow_run_id} ({context.flow_run_name}); "
                f"MLflow run {started.parent_run_id}")
-    save_experiment(root, name, message)
+    save_experiment(root, name, message, plan)
     logger.info("DVC experiment %s (dvc exp show)", name)
     return {tracking.DVC_EXPERIMENT_TAG: name, "refinery.dvc_baseline_rev": git_commit(root) or ""}
 

@@ -10,8 +10,10 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+
+from refinery import paths
 
 
 def tool_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -39,13 +41,18 @@ def experiment_name(flow_run_name: str | None, flow_run_id: str) -> str:
     return "prefect-" + "".join(c if c.isalnum() or c in "-_" else "-" for c in base)
 
 
-def save_experiment(workspace: Path, name: str, message: str,
+def save_experiment(workspace: Path, name: str, message: str, stages: Sequence[str],
                     env: Mapping[str, str] | None = None) -> str:
     """``dvc exp save``: the workspace as it stands (params, ``dvc.lock``, metrics) as a
-    DVC experiment, so ``dvc exp show`` lists a run that DVC did not launch itself."""
+    DVC experiment, so ``dvc exp show`` lists a run that DVC did not launch itself.
+    Only ``stages`` are committed: a run that stopped early has no later outputs. The
+    lock file and the uncached metrics and plots go in even where git does not track them
+    yet (``dvc exp show`` reads them from the experiment's commit)."""
+    untracked = [arg for path in ("dvc.lock", str(paths.METRICS), str(paths.PLOTS))
+                 if (workspace / path).exists() for arg in ("--include-untracked", path)]
     result = subprocess.run([dvc_executable(), "exp", "save", "--force", "--name", name,
-                             "--message", message], cwd=workspace, env=tool_env(env),
-                            capture_output=True, text=True, timeout=600)
+                             "--message", message, *untracked, *stages], cwd=workspace,
+                            env=tool_env(env), capture_output=True, text=True, timeout=600)
     if result.returncode != 0:
         raise RuntimeError(f"dvc exp save {name} failed: {result.stderr.strip()[-2000:]}")
     return name
