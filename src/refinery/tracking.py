@@ -347,8 +347,8 @@ def workspace_record(channel: Channel, context: RunContext, stages: Sequence[str
 
 def _log_parent_datasets(channel: Channel, parent: RunRef, stages: Sequence[str],
                          workspace: Path) -> None:
-    """The data sets of the recorded stages on the parent too, each with the role it first
-    had: the runs list folds the stage runs under their parent and shows the parent's."""
+    """The data sets of the recorded stages on the parent too, each with its first role:
+    the runs list folds the stage runs under their parent and shows the parent's."""
     from refinery import paths
     from refinery.pipeline import STAGES
 
@@ -358,8 +358,9 @@ def _log_parent_datasets(channel: Channel, parent: RunRef, stages: Sequence[str]
         return
     described = meta.get("datasets") or {}
     roles: dict[str, str] = {}
-    for stage in STAGES:
-        if stage.name in stages and stage.name != "prepare":
+    # a split's role in the stages that read it; prepare's ("prepared") only if none did
+    for stage in sorted(STAGES, key=lambda s: s.name == "prepare"):
+        if stage.name in stages:
             for split, context in stage.datasets:
                 roles.setdefault(split, context)
     inputs = [(split, context) for split, context in roles.items() if split in described]
