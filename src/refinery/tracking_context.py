@@ -96,11 +96,6 @@ TRAINING_VIEW = "?workflowType=machine_learning"
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 
-def experiment_url(experiment_id: str, uri: str | None = None) -> str | None:
-    base = ui_base(uri)
-    return f"{base}/#/experiments/{experiment_id}{TRAINING_VIEW}" if base else None
-
-
 def run_url(experiment_id: str, run_id: str, uri: str | None = None) -> str | None:
     base = ui_base(uri)
     return f"{base}/#/experiments/{experiment_id}/runs/{run_id}{TRAINING_VIEW}" if base else None
