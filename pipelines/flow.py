@@ -31,7 +31,7 @@ from pipelines import dvcfile, params_override, report
 from pipelines.dvc_runner import StageFailed, reproduce
 from refinery import tracking
 from refinery.dvctools import experiment_name, save_experiment, tool_env
-from refinery.tracking_context import git_commit
+from refinery.pipeline import dataset_roles
 
 FLOW_NAME = "refinery-pipeline"
 #: Stages that touch the network: retried with exponential backoff.
@@ -138,15 +138,16 @@ def _save_experiment(context: tracking.RunContext, started: tracking.PipelineRec
                f"MLflow run {started.parent_run_id}")
     save_experiment(root, name, message, plan)
     logger.info("DVC experiment %s (dvc exp show)", name)
-    return {tracking.DVC_EXPERIMENT_TAG: name, "refinery.dvc_baseline_rev": git_commit(root) or ""}
+    return {tracking.DVC_EXPERIMENT_TAG: name,
+            "refinery.dvc_baseline_rev": tracking.git_commit(root) or ""}
 
 
 def _finish(context: tracking.RunContext, params: Mapping[str, Any], plan: list[str],
             root: Path, error: str | None, logger: Any, tags: Mapping[str, str]) -> None:
     """Close the MLflow parent and publish the summary; never hides the stage's own error."""
     try:
-        record = tracking.end_pipeline(context, params, plan, root, failed=error is not None,
-                                       tags=tags)
+        record = tracking.end_pipeline(context, params, plan, dataset_roles(plan), root,
+                                       failed=error is not None, tags=tags)
         _publish(record, root, plan, error is not None, error)
         logger.info("MLflow parent run: %s", record.parent_url or record.parent_run_id)
     except Exception as exc:

@@ -26,7 +26,7 @@ from servers import REPO
 
 from refinery import fsutil, lineage
 from refinery.pipeline import MODELS, STAGES, int8_row, model_row
-from refinery.tracking_context import run_url
+from refinery.tracking import run_url
 
 pytestmark = pytest.mark.slow
 

@@ -16,7 +16,7 @@ This module imports no stage code (the CLI's ``--help`` stays instant).
 from __future__ import annotations
 
 import importlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -188,6 +188,24 @@ def data_stages() -> tuple[Stage, ...]:
     (their params are ``data_seed`` and the data sections, never ``seed``)."""
     first = next(i for i, stage in enumerate(STAGES) if stage.schedule)
     return STAGES[:first]
+
+
+def recorded_with(name: str) -> list[str]:
+    """The stages a stage records on its pipeline's parent run when it finishes: itself and
+    those before it (a later stage's lineage may still be an older execution's)."""
+    order = [stage.name for stage in STAGES]
+    return order[: order.index(name) + 1] if name in order else [name]
+
+
+def dataset_roles(names: Sequence[str]) -> list[tuple[str, str]]:
+    """(split, role) of every split the stages ``names`` read, each with its first role;
+    ``prepare``'s ("prepared") only where no other stage read the split."""
+    roles: dict[str, str] = {}
+    for stage in sorted(STAGES, key=lambda s: s.name == "prepare"):
+        if stage.name in names:
+            for split, role in stage.datasets:
+                roles.setdefault(split, role)
+    return list(roles.items())
 
 
 def stage_named(name: str) -> Stage:

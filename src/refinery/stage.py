@@ -107,12 +107,16 @@ def tracked(stage: Stage, params: Params) -> Iterator[Any]:
     A stage that reads prepared data names its data sets on the run before it works."""
     from refinery import tracking
     from refinery.engine.runtime import is_main_process
+    from refinery.pipeline import dataset_roles, recorded_with
 
     if not is_main_process():
         yield tracking.NullRun()
         return
+    recorded = recorded_with(stage.name)
     with tracking.stage_run(stage.name, params_subset(params, stage.params),
                             experiment=params.tracking.experiment,
+                            full_params=params.to_dict(), recorded=recorded,
+                            roles=dataset_roles(recorded),
                             system_metrics=bool(stage.schedule)) as run:
         if paths.PREPARED not in stage.outs:
             _log_datasets(stage, run)

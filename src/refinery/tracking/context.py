@@ -1,11 +1,10 @@
-"""Where tracking records go, who launched the execution, and whether the server answers.
+"""Where records go, who launched the execution, and whether the server answers.
 
-The facts :mod:`refinery.tracking` builds runs from: the store's location (a
-repository's ``mlflow/``, or ``MLFLOW_TRACKING_URI``), the MLflow UI address
-for links, the git commit and ``dvc.lock`` hash, the health check behind
-``tracking.on_unreachable``, and :class:`RunContext`, the ids that tie the
-stages of one pipeline execution together (set by DVC and by the Prefect flow
-in the stage processes' environment).
+The store's location (a repository's ``mlflow/``, or ``MLFLOW_TRACKING_URI``),
+the UI address for links, the git commit and ``dvc.lock`` hash, the health
+check behind ``tracking.on_unreachable``, and :class:`RunContext`: the ids that
+tie the stages of one pipeline execution together (set by DVC and by the
+Prefect flow in the stage processes' environment).
 """
 
 from __future__ import annotations
@@ -28,21 +27,19 @@ FLOW_RUN_NAME_ENV = "REFINERY_PREFECT_FLOW_RUN_NAME"
 FLOW_RUN_URL_ENV = "REFINERY_PREFECT_FLOW_RUN_URL"
 PIPELINE_TAG = "refinery.pipeline_id"
 
-# Keep MLflow quiet and offline by default, and make a dead server cost seconds,
-# not MLflow's default ~4 minutes of retries per call; users can override any.
+# Keep MLflow quiet and offline by default. A stage start checks /health itself (fail
+# fast); mid-stage, MLflow's own retries (2+4+8+16+32 s) ride out a server restart,
+# not its default ~4 minutes per call. Users can override any of these.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "5")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "2")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
 
 
 class TrackingUnavailable(TrackingError):
     """The tracking server cannot be reached and the params say to fail fast."""
-
-
-# ------------------------------------------------------------------ where things live
 
 
 def store_root() -> Path:
@@ -61,8 +58,8 @@ def default_tracking_uri(root: Path | None = None) -> str:
     return f"sqlite:///{root / DEFAULT_STORE_DIR / 'mlflow.db'}"
 
 
-def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+def tracking_uri(root: Path | None = None) -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(root)
 
 
 def _is_http(uri: str) -> bool:
@@ -143,9 +140,6 @@ def is_reachable(uri: str, timeout_s: float = 3.0) -> bool:
     except TrackingUnavailable:
         return False
     return True
-
-
-# ------------------------------------------------------------ one pipeline execution
 
 
 def _dvc_launcher_id() -> str | None:
@@ -242,8 +236,3 @@ class RunContext:
             return f"exp {self.dvc_experiment}"
         stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M")
         return f"{'repro' if self.launcher == 'dvc' else 'pipeline'} {stamp}"
-
-
-def pipeline_id() -> str:
-    """The id shared by the stages of one pipeline execution."""
-    return RunContext.from_env().pipeline_id

@@ -1,21 +1,16 @@
-"""The local spool: what a stage would have sent to an unreachable tracking server.
+"""The local spool: the runs of stages that started while the server was unreachable.
 
-With ``tracking.on_unreachable: defer`` a stage keeps working when the server
-is down, at its start or in its middle. Everything it logs then goes to a
-local MLflow store (sqlite + files) under ``mlflow/spool/``, git-ignored. Using
-a real MLflow store as the spool, rather than a private journal, means every
-logging call behaves exactly as it would against the server (artifacts are
-copied at log time, so later workspace changes cannot alter them) and the
-spool can be browsed with ``mlflow ui`` while it waits.
+With ``tracking.on_unreachable: defer`` a stage that finds the server down at
+its start runs anyway and logs to a local MLflow store (sqlite + files) under
+``mlflow/spool/``, git-ignored. A real MLflow store rather than a private
+journal: every logging call behaves as it would against the server (artifacts
+are copied at log time) and the spool can be browsed with ``mlflow ui``.
 
-:func:`Spool.replay` copies the spooled runs to the server: params, tags,
-full metric histories, artifacts and final status. A spooled run is either a
-run created offline (replayed as a new server run tagged
-``refinery.spool_run=<spool id>``, under the parent of its pipeline id) or a
-*shadow* of a server run that lost its server mid-stage (tag
-``refinery.spool_target``; replayed into that run). Replay is triggered by
-the next stage that finds the server up, by ``refinery sync-tracking``, and
-by the Prefect flow at its end.
+:meth:`Spool.replay` copies the spooled runs to the server (params, tags, full
+metric histories, artifacts, final status) as new runs tagged
+``refinery.spool_run=<spool id>``, under the server's parent of their pipeline
+id. The next stage that finds the server up replays, so do ``refinery
+sync-tracking`` and the Prefect flow at its end.
 """
 
 from __future__ import annotations
@@ -36,10 +31,9 @@ log = logging.getLogger(__name__)
 
 SPOOL_ENV = "REFINERY_TRACKING_SPOOL"
 SPOOL_RUN_TAG = "refinery.spool_run"  # on a replayed server run: its id in the spool
-SPOOL_TARGET_TAG = "refinery.spool_target"  # on a spool shadow: the server run it completes
 PROCESS_TAG = "refinery.process"  # host:pid:start of the process that wrote a spool run
 _TERMINAL = {"FINISHED", "FAILED", "KILLED"}
-_NOT_COPIED = {"mlflow.parentRunId", SPOOL_TARGET_TAG}
+_NOT_COPIED = {"mlflow.parentRunId", PROCESS_TAG}
 
 
 def process_id() -> str:
@@ -51,21 +45,16 @@ def process_id() -> str:
 
 
 def _writer_alive(process: str | None) -> bool:
-    """Is another live process still writing this spool run? (Ours is not "another":
-    a replay runs between our own writes, never during one.)"""
-    if not process or process == process_id():
-        return False
+    """Is another live process of this host still writing the run? (Ours is not
+    "another": a replay runs between our own writes, never during one.)"""
     import psutil
 
-    parts = process.rsplit(":", 2)
-    if len(parts) != 3:
+    host, _, rest = (process or "").partition(":")
+    pid, _, started = rest.partition(":")
+    if not process or process == process_id() or host != socket.gethostname():
         return False
-    host, pid, started = parts
-    if host != socket.gethostname():
-        return False  # another machine's spool copy: nothing we can check, treat as done
     try:
-        proc = psutil.Process(int(pid))
-        return int(proc.create_time()) == int(started)
+        return int(psutil.Process(int(pid)).create_time()) == int(started)
     except (psutil.Error, ValueError):
         return False
 
@@ -100,13 +89,9 @@ class Spool:
     def uri(self) -> str:
         return f"sqlite:///{self.dir / 'spool.db'}"
 
-    @property
-    def _pending_marker(self) -> Path:
-        return self.dir / "PENDING"
-
     def pending(self) -> bool:
-        """Cheap check (no database open) for spooled runs waiting to be replayed."""
-        return self._pending_marker.exists()
+        """Cheap check (no database opened) for spooled runs waiting to be replayed."""
+        return (self.dir / "PENDING").exists()
 
     @property
     def client(self) -> Any:
@@ -114,6 +99,7 @@ class Spool:
             from mlflow.tracking import MlflowClient
 
             self.dir.mkdir(parents=True, exist_ok=True)
+            (self.dir / "PENDING").touch()
             self._client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
         return self._client
 
@@ -131,19 +117,10 @@ class Spool:
             return found.experiment_id
 
     def create_run(self, experiment: str, tags: Mapping[str, str], run_name: str) -> str:
-        """A run created while the server is unreachable; returns its spool id."""
-        self._pending_marker.parent.mkdir(parents=True, exist_ok=True)
-        self._pending_marker.touch()
         tags = {**tags, PROCESS_TAG: process_id()}
-        run = self.client.create_run(self.experiment_id(experiment), tags=tags, run_name=run_name)
-        return run.info.run_id
+        return self.client.create_run(self.experiment_id(experiment), tags=tags,
+                                      run_name=run_name).info.run_id
 
-    def find_run(self, experiment: str, filter_string: str) -> str | None:
-        found = self.client.search_runs([self.experiment_id(experiment)], filter_string,
-                                        max_results=1)
-        return found[0].info.run_id if found else None
-
-    # ------------------------------------------------------------------ replay
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -156,117 +133,97 @@ class Spool:
 
     def replay(self, remote: Any, remote_experiment: Callable[[str], str],
                find_parent: Callable[[str, str, Mapping[str, str], str], str]) -> ReplayReport:
-        """Copy every finished spooled run to ``remote`` (an ``MlflowClient``), then drop it.
+        """Copy every spooled run to ``remote`` (an ``MlflowClient``), then drop it.
 
-        ``remote_experiment(name)`` finds or creates the server's experiment;
         ``find_parent(experiment, pipeline_id, tags, run_name)`` finds or creates
         the server's parent run of a pipeline, so runs spooled by several stages
-        (or several processes) of one execution land under one parent.
-        Runs whose writer process is still alive are left for a later replay.
+        (or processes) of one execution land under one parent. Runs of an
+        execution whose writer process is still alive wait for a later replay.
         """
         report = ReplayReport()
         if not self.pending():
             return report
         with self._locked():
-            client = self.client
-            for experiment in client.search_experiments():
+            for experiment in self.client.search_experiments():
                 self._replay_experiment(experiment, remote, remote_experiment, find_parent,
                                         report)
-            if not self._active_runs():
-                self._pending_marker.unlink(missing_ok=True)
+            ids = [e.experiment_id for e in self.client.search_experiments()]
+            if not ids or not self.client.search_runs(ids, max_results=1):
+                (self.dir / "PENDING").unlink(missing_ok=True)
         return report
-
-    def _active_runs(self) -> list[Any]:
-        ids = [e.experiment_id for e in self.client.search_experiments()]
-        return list(self.client.search_runs(ids, max_results=1)) if ids else []
 
     def _replay_experiment(self, experiment: Any, remote: Any,
                            remote_experiment: Callable[[str], str],
                            find_parent: Callable[..., str], report: ReplayReport) -> None:
-        client = self.client
-        runs = list(client.search_runs([experiment.experiment_id], max_results=50_000,
-                                       order_by=["attributes.start_time ASC"]))
-        live = {r.data.tags.get("refinery.pipeline_id") for r in runs
-                if r.info.status == "RUNNING" and _writer_alive(r.data.tags.get(PROCESS_TAG))}
-        # parents first, so their children find them on the server
-        runs.sort(key=lambda r: r.data.tags.get("refinery.role") != "pipeline")
-        if not runs:
+        runs = list(self.client.search_runs([experiment.experiment_id], max_results=50_000,
+                                            order_by=["attributes.start_time ASC"]))
+        if not runs:  # (the store's empty "Default" experiment among them)
             return
         remote_exp = remote_experiment(experiment.name)
+        live = {r.data.tags.get("refinery.pipeline_id") for r in runs
+                if r.info.status == "RUNNING" and _writer_alive(r.data.tags.get(PROCESS_TAG))}
+        runs.sort(key=lambda r: r.data.tags.get("refinery.role") != "pipeline")  # parents first
         parents: set[str] = set()
         for run in runs:
-            spool_id = run.info.run_id
-            if run.data.tags.get("refinery.pipeline_id") in live:
+            spool_id, tags = run.info.run_id, run.data.tags
+            if tags.get("refinery.pipeline_id") in live:
                 report.skipped_live.append(spool_id)
                 continue
             target = self._target(run, remote, remote_exp, experiment.name, find_parent)
             self._copy(run, target, remote)
-            for version in self._model_versions(spool_id):
-                report.models_not_replayed.append(f"{version.name} v{version.version}")
-            report.replayed[spool_id] = target
-            client.delete_run(spool_id)
             with contextlib.suppress(Exception):
-                local = Path(run.info.artifact_uri.removeprefix("file://")).parent
-                if local.is_dir() and self.dir in local.parents:
-                    shutil.rmtree(local)
+                for version in self.client.search_model_versions(f"run_id = '{spool_id}'"):
+                    report.models_not_replayed.append(f"{version.name} v{version.version}")
+            report.replayed[spool_id] = target
+            self.client.delete_run(spool_id)
+            local = Path(run.info.artifact_uri.removeprefix("file://")).parent
+            if local.is_dir() and self.dir in local.parents:
+                shutil.rmtree(local, ignore_errors=True)
             log.info("replayed spooled run %s -> %s", spool_id, target)
-            if run.data.tags.get("refinery.role") == "pipeline":
+            if tags.get("refinery.role") == "pipeline":
                 parents.add(target)
         for target in parents:
             _resolve_spool_refs(remote, target, remote_exp, report)
 
-    def _model_versions(self, run_id: str) -> list[Any]:
-        try:
-            return list(self.client.search_model_versions(f"run_id = '{run_id}'"))
-        except Exception:
-            return []
-
     @staticmethod
     def _target(run: Any, remote: Any, remote_exp: str, experiment: str,
                 find_parent: Callable[..., str]) -> str:
-        tags = run.data.tags
-        if tags.get(SPOOL_TARGET_TAG):
-            return tags[SPOOL_TARGET_TAG]
+        tags = _copied(run.data.tags)
         pid = tags.get("refinery.pipeline_id", "")
         if tags.get("refinery.role") == "pipeline":
-            return find_parent(experiment, pid, _copied_tags(tags), run.info.run_name)
+            return find_parent(experiment, pid, tags, run.info.run_name)
         again = remote.search_runs([remote_exp], f"tags.`{SPOOL_RUN_TAG}` = '{run.info.run_id}'",
                                    max_results=1)
         if again:  # an interrupted earlier replay created it already
             return again[0].info.run_id
-        new_tags = _copied_tags(tags) | {SPOOL_RUN_TAG: run.info.run_id}
+        tags[SPOOL_RUN_TAG] = run.info.run_id
         if pid:
-            new_tags["mlflow.parentRunId"] = find_parent(experiment, pid, {}, f"pipeline {pid}")
-        created = remote.create_run(remote_exp, start_time=run.info.start_time, tags=new_tags,
-                                    run_name=run.info.run_name)
-        return created.info.run_id
+            tags["mlflow.parentRunId"] = find_parent(experiment, pid, {}, f"pipeline {pid}")
+        return remote.create_run(remote_exp, start_time=run.info.start_time, tags=tags,
+                                 run_name=run.info.run_name).info.run_id
 
     def _copy(self, run: Any, target: str, remote: Any) -> None:
+        """Records in one batch per kind; MLflow's client splits them to the server's limits."""
         from mlflow.entities import Metric, Param, RunTag
 
-        client = self.client
         existing = remote.get_run(target).data.params
-        params = [Param(k, v) for k, v in run.data.params.items() if k not in existing]
-        tags = [RunTag(k, v) for k, v in _copied_tags(run.data.tags).items()]
         metrics: list[Metric] = []
         for key in run.data.metrics:
-            metrics.extend(client.get_metric_history(run.info.run_id, key))
-        for start in range(0, len(params), 100):
-            remote.log_batch(target, params=params[start : start + 100])
-        for start in range(0, len(tags), 100):
-            remote.log_batch(target, tags=tags[start : start + 100])
-        for start in range(0, len(metrics), 1000):
-            remote.log_batch(target, metrics=metrics[start : start + 1000])
-        if client.list_artifacts(run.info.run_id):
+            metrics.extend(self.client.get_metric_history(run.info.run_id, key))
+        remote.log_batch(target, metrics=metrics,
+                         params=[Param(k, v) for k, v in run.data.params.items()
+                                 if k not in existing],
+                         tags=[RunTag(k, v) for k, v in _copied(run.data.tags).items()])
+        if self.client.list_artifacts(run.info.run_id):
             with tempfile.TemporaryDirectory(prefix="refinery-replay-") as tmp:
-                local = client.download_artifacts(run.info.run_id, "", tmp)
-                remote.log_artifacts(target, local)
+                remote.log_artifacts(target, self.client.download_artifacts(run.info.run_id,
+                                                                            "", tmp))
         if run.info.status in _TERMINAL:
             remote.set_terminated(target, status=run.info.status, end_time=run.info.end_time)
 
 
-def _copied_tags(tags: Mapping[str, str]) -> dict[str, str]:
-    return {k: v for k, v in tags.items() if k not in _NOT_COPIED and k != PROCESS_TAG}
+def _copied(tags: Mapping[str, str]) -> dict[str, str]:
+    return {k: v for k, v in tags.items() if k not in _NOT_COPIED}
 
 
 def _resolve_spool_refs(remote: Any, run_id: str, experiment_id: str,

@@ -1,0 +1,463 @@
+"""Stage runs, the parent run of a pipeline execution, and the multi-seed run.
+
+Stages never import mlflow: they log through the :class:`StageRun` that
+:func:`stage_run` opens. The parent run (``refinery.role=pipeline``) carries
+the full params, the git commit, the ``dvc.lock`` hash, each stage's metrics as
+``<stage>.<metric>``, the evaluation's headline metrics, the data sets, and per
+stage ``refinery.stage.<name>`` = the run that produced its current outputs
+with ``refinery.stage.<name>.state`` = ``executed`` or ``reused`` (read from
+``lineage/<stage>.json``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import numbers
+import time
+import traceback
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from refinery import lineage, paths
+from refinery.tracking.channel import (
+    ROLE_TAG,
+    STAGE_TAG,
+    Channel,
+    OnUnreachable,
+    flatten,
+    param_items,
+    tag_items,
+)
+from refinery.tracking.context import (
+    RunContext,
+    TrackingUnavailable,
+    check_reachable,
+    dvc_lock_md5,
+    git_commit,
+    is_reachable,
+    run_url,
+    ui_base,
+)
+from refinery.tracking.spool import ReplayReport
+
+log = logging.getLogger(__name__)
+
+HEADLINE_METRICS = Path("metrics/evaluate.json")  # the evaluate stage's headline numbers
+HEADLINE_STAGE = "evaluate"
+DVC_EXPERIMENT_TAG = "refinery.dvc_experiment"  # on a parent run: its DVC experiment's name
+
+
+def _metric_items(values: Mapping[str, Any], step: int = 0, **extra: Any) -> list[Any]:
+    """MLflow metrics of the numbers in ``values`` (numpy scalars too; None is skipped)."""
+    from mlflow.entities import Metric
+
+    stamp = int(time.time() * 1000)
+    return [Metric(k, float(v), stamp, step, **extra) for k, v in values.items()
+            if isinstance(v, numbers.Real)]
+
+
+def _numbers(path: Path, prefix: str = "") -> dict[str, float]:
+    """Numeric leaves of a JSON metrics file, flattened (missing or bad file: none)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return {f"{prefix}{k}": float(v) for k, v in flatten(data).items()
+            if isinstance(v, int | float) and not isinstance(v, bool)} \
+        if isinstance(data, Mapping) else {}
+
+
+def dataset_entity(described: Mapping[str, Any]) -> Any:
+    """An MLflow dataset record of one prepared split: metadata, not the pixels (they are
+    in DVC's cache). Source: the download URL (``http``), else the builtin set (``code``)."""
+    import numpy as np
+    from mlflow.entities import Dataset
+    from mlflow.types.schema import Schema, TensorSpec
+
+    profile = dict(described["profile"])
+    source = str(described["source"])
+    web = source.startswith(("http://", "https://"))
+    shape = (-1, profile["channels"], profile["side"], profile["side"])
+    features = Schema([TensorSpec(np.dtype(np.uint8), shape, "images"),
+                       TensorSpec(np.dtype(np.int64), (-1,), "labels")])
+    schema = {"mlflow_tensorspec": {"features": features.to_json(), "targets": None}}
+    return Dataset(name=str(described["name"]), digest=str(described["digest"]),
+                   source_type="http" if web else "code",
+                   source=json.dumps({"url": source} if web else {"tags": {"builtin": source}}),
+                   schema=json.dumps(schema), profile=json.dumps(profile))
+
+
+def _log_inputs(channel: Channel, run_id: str, described: Mapping[str, Mapping[str, Any]],
+                roles: Sequence[tuple[str, str]]) -> None:
+    """Data sets as MLflow dataset inputs with their role: the runs list's Datasets column."""
+    from mlflow.entities import DatasetInput, InputTag
+
+    inputs = [DatasetInput(dataset_entity(described[split]),
+                           [InputTag("mlflow.data.context", context)])
+              for split, context in roles if split in described]
+    if inputs:
+        channel.client.log_inputs(run_id, datasets=inputs)
+
+
+@dataclass
+class StageRun:
+    """Handle a stage logs through; metrics are buffered and sent in batches."""
+
+    channel: Channel
+    run_id: str
+    parent_run_id: str
+    _metrics: list[Any] = field(default_factory=list)
+    _last_flush: float = field(default_factory=time.monotonic)
+    flush_every_s: float = 15.0
+    #: logged models made by this run (row name -> model id), for its lineage file
+    models: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def deferred(self) -> bool:
+        """True when this run's records go to the spool."""
+        return self.channel.deferred
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        self._metrics.extend(_metric_items(metrics, int(step or 0)))
+        if time.monotonic() - self._last_flush > self.flush_every_s:
+            self.flush()
+
+    def flush(self) -> None:
+        batch, self._metrics = self._metrics, []
+        self.channel.client.log_batch(self.run_id, metrics=batch)
+        self._last_flush = time.monotonic()
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        self.channel.client.log_batch(self.run_id, params=param_items(params))
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        self.channel.client.log_batch(self.run_id, tags=tag_items(tags))
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.channel.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_artifacts(self, directory: str | Path, artifact_path: str | None = None) -> None:
+        self.channel.client.log_artifacts(self.run_id, str(directory), artifact_path)
+
+    def log_dict(self, obj: Any, artifact_file: str) -> None:
+        self.channel.client.log_dict(self.run_id, obj, artifact_file)
+
+    def log_figure(self, figure: Any, artifact_file: str) -> None:
+        self.channel.client.log_figure(self.run_id, figure, artifact_file)
+
+    def log_datasets(self, described: Mapping[str, Mapping[str, Any]],
+                     roles: Sequence[tuple[str, str]]) -> None:
+        """The data sets this run read (``described``: :func:`refinery.formats.prepared.
+        datasets`), each with its role (``training``, ``validation``, ...)."""
+        _log_inputs(self.channel, self.run_id, described, roles)
+
+    def log_model_metrics(self, metrics: Mapping[str, float], model_id: str,
+                          dataset: Mapping[str, Any] | None = None) -> None:
+        """Metrics *of a logged model* (on a data set): they show on the model's page."""
+        name, digest = (dataset["name"], dataset["digest"]) if dataset else (None, None)
+        self.channel.client.log_batch(self.run_id, metrics=_metric_items(
+            metrics, model_id=model_id, dataset_name=name, dataset_digest=digest))
+
+    def has_model(self, model_id: str) -> bool:
+        """Whether the server knows the logged model (a lineage file restored by DVC may
+        name one of another server, or of a reset one)."""
+        if not self.channel.live:
+            return False
+        try:
+            self.channel.client.get_logged_model(model_id)
+        except Exception:
+            return False
+        return True
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[bool]:
+        """Make this run MLflow's active run, for APIs (model logging, the registry) that
+        need one. Yields whether it is on the server; while deferred, what is logged stays
+        in the spool store (replay copies runs and artifacts, not model versions)."""
+        import mlflow
+
+        self.channel.point_mlflow()
+        with mlflow.start_run(run_id=self.run_id, nested=mlflow.active_run() is not None):
+            yield self.channel.live
+
+
+class NullRun:
+    """Stands in for a :class:`StageRun` where nothing is tracked (non-zero DDP ranks):
+    every logging method does nothing."""
+
+    run_id = ""
+    parent_run_id = None
+    deferred = False
+
+    def __init__(self) -> None:
+        self.models: dict[str, str] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda *args, **kwargs: None
+
+    def has_model(self, model_id: str) -> bool:
+        return False
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[bool]:
+        yield False
+
+
+def _configured(params: Mapping[str, Any] | None, key: str, default: Any) -> Any:
+    return ((params or {}).get("tracking") or {}).get(key, default)
+
+
+@contextlib.contextmanager
+def stage_run(stage: str, params: Mapping[str, Any], *, experiment: str = "refinery",
+              full_params: Mapping[str, Any] | None = None, recorded: Sequence[str] = (),
+              roles: Sequence[tuple[str, str]] = (), tags: Mapping[str, Any] | None = None,
+              on_unreachable: OnUnreachable | None = None,
+              system_metrics: bool = False) -> Iterator[StageRun]:
+    """Open the MLflow child run of one stage execution and close it with its outcome.
+
+    Runs before the stage's work, so an unreachable server fails the stage before
+    anything expensive (``on_unreachable`` defaults to ``tracking.on_unreachable``
+    of ``full_params``, the workspace's params, which the parent run gets). On
+    success it writes ``lineage/<stage>.json`` and records the stages of
+    ``recorded`` (this one and those before it) on the parent, with the data
+    sets of ``roles`` (split, role). ``system_metrics``: sample CPU, memory
+    (and GPU, with NVML) every ``tracking.system_metrics_s`` seconds.
+    """
+    workspace = Path.cwd()
+    mode = on_unreachable or _configured(full_params, "on_unreachable", "fail")
+    channel = Channel.open(mode, f"stage '{stage}'")
+    client = channel.client
+    context = RunContext.from_env()
+    parent = channel.parent(experiment, context, full_params)
+    if not context.orchestrated:
+        client.update_run(parent, status="RUNNING")
+    run_tags = {ROLE_TAG: "stage", STAGE_TAG: stage, **context.tags(),
+                "mlflow.parentRunId": parent, "mlflow.runName": stage,
+                "refinery.dvc_lock_md5": dvc_lock_md5(workspace) or "",
+                **{k: str(v) for k, v in (tags or {}).items()}}
+    run = StageRun(channel, channel.create_run(experiment, {k: v for k, v in run_tags.items()
+                                                            if v}, stage), parent)
+    run.log_params(params)
+    if channel.live and ui_base(channel.uri):  # links that open MLflow's training view
+        exp = channel.experiment(experiment)
+        log.info("MLflow: stage run %s, pipeline run %s", run_url(exp, run.run_id, channel.uri),
+                 run_url(exp, parent, channel.uri))
+    monitor = _system_metrics(channel, run.run_id, full_params) if system_metrics else None
+    started = time.monotonic()
+    try:
+        yield run
+        _stop(monitor)
+        run.log_metrics({"stage_seconds": time.monotonic() - started})
+        run.flush()
+        client.set_terminated(run.run_id, status="FINISHED")
+    except BaseException as exc:
+        _stop(monitor)
+        lost = channel.live and not is_reachable(channel.uri)
+        if not lost:
+            with contextlib.suppress(Exception):
+                message = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+                run.set_tags({"refinery.error": message[:5000]})
+                client.set_terminated(run.run_id, status="FAILED")
+                client.log_batch(parent, tags=tag_items({
+                    f"refinery.stage.{stage}": run.run_id,
+                    f"refinery.stage.{stage}.state": "failed"}))
+                if not context.orchestrated:
+                    client.set_terminated(parent, status="FAILED")
+        if lost and type(exc).__module__.split(".")[0] in {"mlflow", "requests", "urllib3"}:
+            raise TrackingUnavailable(
+                f"lost the MLflow tracking server {ui_base(channel.uri)} during stage "
+                f"'{stage}'; its outputs are not recorded, so the next dvc repro runs it "
+                "again (training resumes from its last checkpoint)") from exc
+        raise
+    lineage.write(lineage.Lineage(
+        stage=stage, pipeline_id=context.pipeline_id, experiment=experiment,
+        run_id=None if run.deferred else run.run_id,
+        parent_run_id=None if run.deferred else parent,
+        spool_run_id=run.run_id if run.deferred else None, deferred=run.deferred,
+        finished_at=lineage.Lineage.now(), models=dict(run.models)), workspace)
+    try:  # the outputs are written by now: a failure here is logged, never raised
+        _record(channel, context, parent, recorded or [stage], roles, workspace)
+        if not context.orchestrated:
+            client.set_terminated(parent, status="FINISHED")
+    except Exception as exc:
+        log.warning("could not update the pipeline's parent run: %s", exc)
+
+
+def _system_metrics(channel: Channel, run_id: str, params: Mapping[str, Any] | None) -> Any:
+    """MLflow's own sampler (CPU, memory, disk, network; GPU when ``pynvml`` is
+    installed) on the server run. None while spooling: the samples would be lost."""
+    if not channel.live:
+        return None
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    # MLflow logs "Started monitoring" at INFO, and "Skip logging GPU metrics" on every CPU box
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
+    monitor = SystemMetricsMonitor(run_id, tracking_uri=channel.uri, sampling_interval=float(
+        _configured(params, "system_metrics_s", 5.0)))
+    monitor.start()
+    return monitor
+
+
+def _stop(monitor: Any) -> None:
+    """Stop sampling and send the last, partial interval too (MLflow drops it, so a stage
+    shorter than one interval would show none). A sampler never fails the stage."""
+    if monitor is not None:
+        with contextlib.suppress(Exception):
+            monitor.finish()
+            pending = monitor.aggregate_metrics()
+            if pending:
+                monitor.publish_metrics(pending)
+                monitor.mlflow_logger.flush()
+
+
+def _record(channel: Channel, context: RunContext, parent: str, stages: Sequence[str],
+            roles: Sequence[tuple[str, str]], workspace: Path) -> dict[str, str]:
+    """Tag the parent with ``stages`` (the run behind each one's outputs, executed by this
+    execution or reused), their metrics, and the data sets they read (``roles``).
+
+    A stage whose lineage names this execution's pipeline id was *executed*; any
+    other lineage file was restored or kept by DVC: the stage was *reused*.
+    """
+    tags: dict[str, str] = {}
+    metrics: dict[str, float] = {}
+    for stage in stages:
+        record = lineage.read(stage, workspace)
+        if record is None:
+            continue
+        executed = record.pipeline_id == context.pipeline_id
+        tags[f"refinery.stage.{stage}"] = channel.resolve(record)
+        tags[f"refinery.stage.{stage}.state"] = "executed" if executed else "reused"
+        metrics.update(_numbers(workspace / paths.metrics_file(stage), prefix=f"{stage}."))
+        if stage == HEADLINE_STAGE:
+            metrics.update(_numbers(workspace / HEADLINE_METRICS))
+    tags["refinery.dvc_lock_md5"] = dvc_lock_md5(workspace) or ""
+    channel.client.log_batch(parent, metrics=_metric_items(metrics),
+                             tags=tag_items({k: v for k, v in tags.items() if v}))
+    try:  # prepare's descriptions (refinery.formats.prepared.describe), read without torch
+        meta = json.loads((workspace / paths.PREPARED / "meta.json").read_text("utf-8"))
+    except (OSError, ValueError):
+        meta = {}
+    _log_inputs(channel, parent, meta.get("datasets") or {}, roles)
+    return tags
+
+
+# ------------------------------------------------------------- the flow's pipeline API
+
+
+@dataclass
+class StageRecord:
+    stage: str
+    run_id: str
+    state: str  # executed | reused | failed
+    url: str | None = None
+
+
+@dataclass
+class PipelineRecord:
+    """The parent run of one execution and its stages, for reports and links."""
+
+    pipeline_id: str
+    experiment: str
+    experiment_id: str | None
+    parent_run_id: str
+    parent_url: str | None
+    deferred: bool
+    stages: list[StageRecord] = field(default_factory=list)
+
+
+def begin_pipeline(context: RunContext, params: Mapping[str, Any], workspace: Path,
+                   overrides: Mapping[str, Any] | None = None) -> PipelineRecord:
+    """Create (or find) the parent run before any stage runs; fail fast if the server is down."""
+    experiment = params.get("tracking", {}).get("experiment", "refinery")
+    channel = Channel.open(_configured(params, "on_unreachable", "fail"), "the pipeline",
+                           root=workspace)
+    parent = channel.parent(experiment, context, params)
+    if overrides:
+        channel.client.set_tag(parent, "refinery.overrides",
+                               json.dumps(dict(overrides), sort_keys=True))
+    channel.client.update_run(parent, status="RUNNING")
+    return _pipeline_record(channel, experiment, context, parent, [])
+
+
+def end_pipeline(context: RunContext, params: Mapping[str, Any], stages: Sequence[str],
+                 roles: Sequence[tuple[str, str]], workspace: Path, failed: bool,
+                 tags: Mapping[str, str] | None = None) -> PipelineRecord:
+    """Record ``stages`` (with the data sets of ``roles``, and ``tags``) on the parent and
+    close it. Never fails for tracking reasons: the work is done, so an unreachable
+    server here only defers these records to the spool."""
+    experiment = params.get("tracking", {}).get("experiment", "refinery")
+    channel = Channel.open("defer", "recording the pipeline", root=workspace)
+    parent = channel.parent(experiment, context, params)
+    channel.client.log_batch(parent, tags=tag_items({k: v for k, v in (tags or {}).items()
+                                                     if v}))
+    recorded = _record(channel, context, parent, stages, roles, workspace)
+    channel.client.set_terminated(parent, status="FAILED" if failed else "FINISHED")
+    records = [StageRecord(s, recorded[f"refinery.stage.{s}"],
+                           recorded[f"refinery.stage.{s}.state"])
+               for s in stages if f"refinery.stage.{s}" in recorded]
+    return _pipeline_record(channel, experiment, context, parent, records)
+
+
+def _pipeline_record(channel: Channel, experiment: str, context: RunContext, parent: str,
+                     stages: list[StageRecord]) -> PipelineRecord:
+    exp_id = channel.experiment(experiment) if channel.live else None
+    for record in stages:
+        if exp_id and not record.run_id.startswith("spool:"):
+            record.url = run_url(exp_id, record.run_id, channel.uri)
+    return PipelineRecord(
+        pipeline_id=context.pipeline_id, experiment=experiment, experiment_id=exp_id,
+        parent_run_id=parent, parent_url=run_url(exp_id, parent, channel.uri) if exp_id else None,
+        deferred=channel.deferred, stages=stages)
+
+
+@dataclass
+class SeedsRecord:
+    run_id: str
+    url: str | None
+    children: dict[str, str]  # DVC experiment name -> its pipeline parent run
+    missing: list[str]  # experiments whose pipeline run was not found (e.g. spooled)
+
+
+def record_seeds(experiment: str, name: str, *, params: Mapping[str, Any],
+                 metrics: Mapping[str, float], artifacts: Sequence[Path],
+                 experiments: Sequence[str]) -> SeedsRecord:
+    """One parent run for a multi-seed run: the summary's numbers and files, and the seeds'
+    pipeline runs (found by their DVC experiment name) moved under it as its children.
+
+    Runs after every seed has finished, so the server must be up (the seeds' own
+    runs may have been spooled, and are then listed as ``missing``).
+    """
+    channel = Channel.open("fail", "recording the seeds")
+    client, exp_id = channel.client, channel.experiment(experiment)
+    tags = {ROLE_TAG: "seeds", "refinery.seeds_name": name, "mlflow.runName": f"seeds {name}",
+            "refinery.dvc_experiments": ",".join(experiments),
+            "mlflow.source.git.commit": git_commit() or ""}
+    run_id = channel.create_run(experiment, {k: v for k, v in tags.items() if v},
+                                f"seeds {name}")
+    client.log_batch(run_id, metrics=_metric_items(metrics), params=param_items(params))
+    for artifact in artifacts:
+        client.log_artifact(run_id, str(artifact), "seeds")
+    children: dict[str, str] = {}
+    for dvc_experiment in experiments:
+        query = (f"tags.`{DVC_EXPERIMENT_TAG}` = '{dvc_experiment}' and "
+                 f"tags.`{ROLE_TAG}` = 'pipeline'")
+        for run in client.search_runs([exp_id], query):
+            client.set_tag(run.info.run_id, "mlflow.parentRunId", run_id)
+            children[dvc_experiment] = run.info.run_id
+    client.set_terminated(run_id, status="FINISHED")
+    return SeedsRecord(run_id, run_url(exp_id, run_id, channel.uri), children,
+                       [e for e in experiments if e not in children])
+
+
+def sync_spool(uri: str | None = None, root: Path | None = None) -> ReplayReport:
+    """Replay the spool now; raise :class:`TrackingUnavailable` if the server is still down."""
+    channel = Channel(uri, root)
+    if not channel.spool.pending():
+        return ReplayReport()
+    check_reachable(channel.uri)
+    channel.point_mlflow()  # served artifacts (mlflow-artifacts:/) resolve through it
+    return channel.replay_pending(strict=True)
