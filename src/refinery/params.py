@@ -426,7 +426,7 @@ class LatencyParams(Section):
     threads: int = Field(1, ge=1, le=256, description="CPU threads for latency numbers")
     warmup: int = Field(10, ge=0)
     iterations: int = Field(100, ge=5)
-    throughput_batch: int = Field(64, ge=1)
+    throughput_batch: int = Field(256, ge=1)
     throughput_iterations: int = Field(10, ge=1, description="timed batches for throughput")
 
 

@@ -106,8 +106,8 @@ def tracked(stage: Stage, params: Params) -> Iterator[Any]:
     """The stage's MLflow run; under torchrun only rank 0 tracks, the others get a no-op.
     A stage that reads prepared data names its data sets on the run before it works."""
     from refinery import tracking
-    from refinery.engine.runtime import is_main_process
     from refinery.pipeline import dataset_roles, recorded_with
+    from refinery.ranks import is_main_process
 
     if not is_main_process():
         yield tracking.NullRun()
@@ -139,7 +139,7 @@ def finish(stage: Stage, run: Any, metrics: Mapping[str, Any], *,
     headline keys are then taken from each group.
     """
     from refinery import tracking
-    from refinery.engine.runtime import is_main_process
+    from refinery.ranks import is_main_process
 
     if not is_main_process():
         return
@@ -180,9 +180,9 @@ def check_plan(params: Params, run: Any = None, meta: Any = None) -> None:
     """The whole training plan against the prepared data (:mod:`refinery.plan`): raise
     before any work if it cannot run. With ``run`` (prepare), also log every stage's
     resolved schedule and tag the run with the warnings."""
-    from refinery.engine.runtime import env_world_size, is_main_process
     from refinery.plan import check_plan as check
     from refinery.plan import check_prepared
+    from refinery.ranks import env_world_size, is_main_process
 
     plan = (check(params, meta, env_world_size()) if meta is not None
             else check_prepared(params, paths.PREPARED, env_world_size()))

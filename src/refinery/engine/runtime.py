@@ -19,21 +19,9 @@ import torch.distributed as dist
 from torch import nn
 
 from refinery.params import EngineParams
+from refinery.ranks import env_rank, env_world_size
 
 log = logging.getLogger(__name__)
-
-
-def env_rank() -> int:
-    """This process's global rank from torchrun's environment (0 outside torchrun)."""
-    return int(os.environ.get("RANK", "0"))
-
-
-def env_world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def is_main_process() -> bool:
-    return env_rank() == 0
 
 
 @dataclass
