@@ -42,7 +42,20 @@ def knn_accuracy(train_features: torch.Tensor, train_labels: torch.Tensor,
                  query_features: torch.Tensor, query_labels: torch.Tensor,
                  num_classes: int, k: int = 20, temperature: float = 0.07,
                  chunk: int = 1024) -> float:
-    """Weighted kNN on cosine similarity (Wu et al. 2018), the usual SSL monitor."""
+    """Weighted kNN on cosine similarity (Wu et al. 2018), the usual SSL monitor.
+
+    Always in float32, even when called under autocast: bf16 similarities would be
+    coarse, and their votes would not match the float32 tally (a crash with
+    ``engine.amp: bf16``, found on the CPU; the CUDA default is bf16).
+    """
+    with torch.autocast(train_features.device.type, enabled=False):
+        return _knn_accuracy(train_features.float(), train_labels, query_features.float(),
+                             query_labels, num_classes, k, temperature, chunk)
+
+
+def _knn_accuracy(train_features: torch.Tensor, train_labels: torch.Tensor,
+                  query_features: torch.Tensor, query_labels: torch.Tensor,
+                  num_classes: int, k: int, temperature: float, chunk: int) -> float:
     bank = F.normalize(train_features, dim=1)
     labels = train_labels.to(bank.device)
     k = min(k, bank.shape[0])

@@ -275,7 +275,7 @@ class Trainer:
 
     def _evaluate(self, epoch: int) -> dict[str, float]:
         self.raw.eval()
-        with torch.no_grad(), self.rt.autocast():
+        with torch.no_grad():  # the tasks' forwards autocast themselves; their metrics are fp32
             metrics = self.task.evaluate(self.raw, epoch)
         self.raw.train()
         return metrics

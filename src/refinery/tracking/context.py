@@ -43,46 +43,28 @@ class TrackingUnavailable(TrackingError):
 
 
 def store_root() -> Path:
-    """The repository whose ``mlflow/`` holds the default store and the spool.
-
-    ``dvc exp run --temp`` and queued experiments run in a temporary copy
-    under ``.dvc/tmp/exps``; DVC sets ``DVC_ROOT`` to the real repository for
-    them, so their records land in the user's store instead of vanishing
-    with the copy.
-    """
+    """The repository whose ``mlflow/`` holds the default store and the spool: for queued
+    and ``--temp`` experiments (a copy under ``.dvc/tmp/exps``) DVC's ``DVC_ROOT``."""
     return Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
 
 
-def default_tracking_uri(root: Path | None = None) -> str:
-    root = (root or store_root()).resolve()
-    return f"sqlite:///{root / DEFAULT_STORE_DIR / 'mlflow.db'}"
-
-
 def tracking_uri(root: Path | None = None) -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(root)
-
-
-def _is_http(uri: str) -> bool:
-    return uri.startswith(("http://", "https://"))
+    default = (root or store_root()).resolve() / DEFAULT_STORE_DIR / "mlflow.db"
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{default}"
 
 
 def artifact_location(uri: str) -> str | None:
     """Artifacts beside a local sqlite store; a remote server decides its own."""
-    if uri.startswith("sqlite:///"):
-        db = Path(uri.removeprefix("sqlite:///"))
-        return (db.parent / "artifacts").as_uri()
-    return None
+    db = uri.removeprefix("sqlite:///")
+    return (Path(db).parent / "artifacts").as_uri() if db != uri else None
 
 
 def ui_base(uri: str | None = None) -> str | None:
     """The MLflow UI address of an HTTP tracking URI, without credentials."""
-    uri = uri or tracking_uri()
-    if not _is_http(uri):
+    parts = urlsplit(uri or tracking_uri())
+    if parts.scheme not in ("http", "https"):
         return None
-    parts = urlsplit(uri)
-    netloc = parts.hostname or ""
-    if parts.port:
-        netloc += f":{parts.port}"
+    netloc = f"{parts.hostname}:{parts.port}" if parts.port else parts.hostname or ""
     return urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", ""))
 
 
@@ -100,9 +82,8 @@ def run_url(experiment_id: str, run_id: str, uri: str | None = None) -> str | No
 
 def git_commit(cwd: Path | None = None) -> str | None:
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10
-        )
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True,
+                             text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() if out.returncode == 0 else None
@@ -117,7 +98,7 @@ def dvc_lock_md5(workspace: Path | None = None) -> str | None:
 
 def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
     """Raise :class:`TrackingUnavailable` when an HTTP server does not answer ``/health``."""
-    if not _is_http(uri):
+    if ui_base(uri) is None:
         return
     import requests
 
