@@ -22,8 +22,13 @@ $(STAMP): pyproject.toml constraints.txt
 pipeline: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 
+# Two workers: most of the suite waits on servers and single-threaded process start-up,
+# which overlap well even on two cores; tests that share a session's pipeline run stay on
+# one worker (tests/conftest.py). TEST_WORKERS=0 runs everything in one process.
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup
 
 # The development loop: everything but the end-to-end tests (servers, training).
 test-fast: $(STAMP)

@@ -48,9 +48,12 @@ OFFLINE = {
 
 
 def isolate_prefect_home() -> None:
-    """A fresh ``PREFECT_HOME`` for this test session, before anything imports prefect."""
-    if "REFINERY_TEST_PREFECT_HOME" not in os.environ:
-        home = tempfile.mkdtemp(prefix="refinery-prefect-home-")
+    """A fresh ``PREFECT_HOME`` for this test session (each xdist worker its own, since a
+    worker inherits the controller's environment), before anything imports prefect."""
+    owner = os.environ.get("PYTEST_XDIST_WORKER", "main")
+    if os.environ.get("REFINERY_TEST_PREFECT_HOME_OWNER") != owner:
+        home = tempfile.mkdtemp(prefix=f"refinery-prefect-home-{owner}-")
+        os.environ["REFINERY_TEST_PREFECT_HOME_OWNER"] = owner
         os.environ["REFINERY_TEST_PREFECT_HOME"] = home
         os.environ["PREFECT_HOME"] = home
     for key, value in OFFLINE.items():

@@ -310,7 +310,8 @@ class EngineParams(Section):
     """Knobs of the shared training engine; device and precision are picked automatically."""
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    amp: Literal["auto", "bf16", "off"] = Field("auto", description="auto: bf16 on CUDA only")
+    amp: Literal["auto", "bf16", "off"] = Field(
+        "auto", description="auto: bf16 on CUDA and on CPUs with bf16 instructions")
     channels_last: Literal["auto", "on", "off"] = "auto"
     compile: bool = False
     deterministic: bool = Field(False, description="bit-reproducible runs (CPU)")

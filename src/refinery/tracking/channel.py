@@ -20,7 +20,6 @@ from refinery import lineage
 from refinery.tracking.context import (
     EXPERIMENT_KIND,
     PIPELINE_TAG,
-    RunContext,
     TrackingUnavailable,
     artifact_location,
     check_reachable,
@@ -152,40 +151,26 @@ class Channel:
         return self.client.create_run(self.experiment(experiment), tags=dict(tags),
                                       run_name=run_name).info.run_id
 
-    def find_parent(self, experiment: str, pid: str) -> str | None:
+    def parent(self, experiment: str, pid: str, tags: Mapping[str, str], run_name: str,
+               params: Mapping[str, Any] | None = None) -> str:
+        """Find the parent run of pipeline execution ``pid``, or create it (with the full
+        ``params``): the stages of one execution, and spool replay, share it."""
         query = f"tags.`{PIPELINE_TAG}` = '{pid}' and tags.`{ROLE_TAG}` = 'pipeline'"
         found = self.client.search_runs([self.experiment(experiment)], query, max_results=1)
-        return found[0].info.run_id if found else None
-
-    def parent(self, experiment: str, context: RunContext,
-               params: Mapping[str, Any] | None) -> str:
-        """Find the execution's parent run, or create it with the full params."""
-        found = self.find_parent(experiment, context.pipeline_id)
-        if found is not None:
-            return found
-        run_id = self.create_run(experiment, {ROLE_TAG: "pipeline", **context.tags()},
-                                 context.parent_run_name())
-        self.client.log_batch(run_id, params=param_items(params or {}))
-        return run_id
-
-    def _remote_parent(self, experiment: str, pid: str, tags: Mapping[str, str],
-                       run_name: str) -> str:
-        """Find or create a pipeline's parent on the server (for spool replay)."""
-        query = f"tags.`{PIPELINE_TAG}` = '{pid}' and tags.`{ROLE_TAG}` = 'pipeline'"
-        exp = experiment_id(self.remote, experiment, self.uri)
-        found = self.remote.search_runs([exp], query, max_results=1)
         if found:
             return found[0].info.run_id
-        tags = {**tags, ROLE_TAG: "pipeline", PIPELINE_TAG: pid}
-        return self.remote.create_run(exp, tags=tags, run_name=run_name).info.run_id
+        run_id = self.create_run(experiment, {**tags, ROLE_TAG: "pipeline", PIPELINE_TAG: pid},
+                                 run_name)
+        self.client.log_batch(run_id, params=param_items(params or {}))
+        return run_id
 
     def resolve(self, record: lineage.Lineage) -> str:
         """The server run id behind a lineage record (looked up if it was deferred)."""
         if record.run_id:
             return record.run_id
         if record.spool_run_id and self.live:
-            found = self.remote.search_runs(
-                [experiment_id(self.remote, record.experiment, self.uri)],
+            found = self.client.search_runs(
+                [self.experiment(record.experiment)],
                 f"tags.`{SPOOL_RUN_TAG}` = '{record.spool_run_id}'", max_results=1)
             if found:
                 return found[0].info.run_id
@@ -196,9 +181,7 @@ class Channel:
         if not self.spool.pending():
             return ReplayReport()
         try:
-            report = self.spool.replay(self.remote,
-                                       lambda name: experiment_id(self.remote, name, self.uri),
-                                       self._remote_parent)
+            report = self.spool.replay(self.remote, self.experiment, self.parent)
         except Exception as exc:
             if strict:
                 raise

@@ -207,6 +207,12 @@ class NullRun:
         yield False
 
 
+def _parent(channel: Channel, experiment: str, context: RunContext,
+            params: Mapping[str, Any] | None) -> str:
+    return channel.parent(experiment, context.pipeline_id, context.tags(),
+                          context.parent_run_name(), params)
+
+
 def _configured(params: Mapping[str, Any] | None, key: str, default: Any) -> Any:
     return ((params or {}).get("tracking") or {}).get(key, default)
 
@@ -232,7 +238,7 @@ def stage_run(stage: str, params: Mapping[str, Any], *, experiment: str = "refin
     channel = Channel.open(mode, f"stage '{stage}'")
     client = channel.client
     context = RunContext.from_env()
-    parent = channel.parent(experiment, context, full_params)
+    parent = _parent(channel, experiment, context, full_params)
     if not context.orchestrated:
         client.update_run(parent, status="RUNNING")
     run_tags = {ROLE_TAG: "stage", STAGE_TAG: stage, **context.tags(),
@@ -375,7 +381,7 @@ def begin_pipeline(context: RunContext, params: Mapping[str, Any], workspace: Pa
     experiment = params.get("tracking", {}).get("experiment", "refinery")
     channel = Channel.open(_configured(params, "on_unreachable", "fail"), "the pipeline",
                            root=workspace)
-    parent = channel.parent(experiment, context, params)
+    parent = _parent(channel, experiment, context, params)
     if overrides:
         channel.client.set_tag(parent, "refinery.overrides",
                                json.dumps(dict(overrides), sort_keys=True))
@@ -391,7 +397,7 @@ def end_pipeline(context: RunContext, params: Mapping[str, Any], stages: Sequenc
     server here only defers these records to the spool."""
     experiment = params.get("tracking", {}).get("experiment", "refinery")
     channel = Channel.open("defer", "recording the pipeline", root=workspace)
-    parent = channel.parent(experiment, context, params)
+    parent = _parent(channel, experiment, context, params)
     channel.client.log_batch(parent, tags=tag_items({k: v for k, v in (tags or {}).items()
                                                      if v}))
     recorded = _record(channel, context, parent, stages, roles, workspace)

@@ -1,10 +1,11 @@
-"""The SSL kNN monitor under autocast: what the engine's bf16 path (CUDA's default,
-``engine.amp: bf16`` on a CPU) runs at the end of every pretraining epoch."""
+"""The engine's bf16 path: when ``engine.amp: auto`` takes it, and the SSL kNN monitor
+under it (what runs at the end of every pretraining epoch on CUDA and bf16 CPUs)."""
 
 from __future__ import annotations
 
 import torch
 
+from refinery.engine.runtime import native_bf16_cpu
 from refinery.training import knn_accuracy
 
 
@@ -26,3 +27,15 @@ def test_knn_accuracy_is_float32_under_bf16_autocast() -> None:
     assert plain > 0.9  # separable clusters: the monitor sees them
     assert under == plain
     assert abs(from_bf16 - plain) <= 0.02
+
+
+def test_auto_amp_takes_bf16_only_on_cpus_with_bf16_instructions(tmp_path) -> None:
+    avx512_bf16 = tmp_path / "sapphire"
+    avx512_bf16.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 amx_tile\n")
+    amx = tmp_path / "amx"
+    amx.write_text("flags\t\t: fpu avx2 amx_bf16 amx_tile\n")
+    plain = tmp_path / "skylake"
+    plain.write_text("flags\t\t: fpu avx2 avx512f avx512bw avx512_vnni\nbugs\t\t: avx512_bf16\n")
+    assert native_bf16_cpu(avx512_bf16) and native_bf16_cpu(amx)
+    assert not native_bf16_cpu(plain)  # only the flags line counts
+    assert not native_bf16_cpu(tmp_path / "no-cpuinfo")
