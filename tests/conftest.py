@@ -24,6 +24,7 @@ os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
 SHARED_SESSION_FIXTURES = ("pipeline_run", "dvc_cache")
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups into node ids
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         if any(name in getattr(item, "fixturenames", ()) for name in SHARED_SESSION_FIXTURES):

@@ -1,6 +1,7 @@
 """Kill the MLflow server in the middle of a ``dvc repro``: nothing computed is lost.
 
-One real server process, SIGKILLed when the first stage has finished:
+One real server process, SIGKILLed when the first stage has finished (outputs written,
+run recorded on its parent):
 
 1. ``tracking.on_unreachable: fail`` (default): the next stage refuses to
    start, with the CLI's one-line error; the finished stage is in
@@ -55,8 +56,12 @@ def test_server_killed_mid_pipeline(tmp_path: Path) -> None:
         # 1. fail fast: the server dies once download has finished
         proc = subprocess.Popen([dvc, "repro", "prepare"], cwd=ws, env=env, text=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        wait_for(lambda: (ws / "lineage" / "download.json").exists() or proc.poll() is not None,
-                 600, "the download stage to finish")
+        client = server.client()
+        # finished = its outputs written *and* recorded on the parent (the last thing a stage
+        # does; a server lost in between would cost that record, as mlflow/README.md says)
+        wait_for(lambda: proc.poll() is not None or runs(
+            client, query="tags.`refinery.stage.download.state` = 'executed'"),
+            600, "the download stage to finish and be recorded")
         server.kill()
         output, _ = proc.communicate(timeout=600)
         assert proc.returncode != 0, output
