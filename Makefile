@@ -23,12 +23,13 @@ pipeline: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 
 # Two workers: most of the suite waits on servers and single-threaded process start-up,
-# which overlap well even on two cores; tests that share a session's pipeline run stay on
-# one worker (tests/conftest.py). TEST_WORKERS=0 runs everything in one process.
+# which overlap well even on two cores. Session fixtures are per worker, so each worker
+# makes its own session pipeline run (in parallel: cheaper than sending every test that
+# reads it to one worker, measured). TEST_WORKERS=0 runs everything in one process.
 TEST_WORKERS ?= 2
 
 test: $(STAMP)
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -n $(TEST_WORKERS)
 
 # The development loop: everything but the end-to-end tests (servers, training).
 test-fast: $(STAMP)

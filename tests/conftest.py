@@ -19,18 +19,6 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
 
 
-#: Session fixtures that many tests reuse, costly to make twice: under xdist (``make test``
-#: runs two workers) their tests go to one worker, since a session fixture is per worker.
-SHARED_SESSION_FIXTURES = ("pipeline_run", "dvc_cache")
-
-
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups into node ids
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    for item in items:
-        if any(name in getattr(item, "fixturenames", ()) for name in SHARED_SESSION_FIXTURES):
-            item.add_marker(pytest.mark.xdist_group("shared-session-runs"))
-
-
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_mlflow(tmp_path_factory: pytest.TempPathFactory) -> None:
     """Tests never write to the repo's own mlflow/ store."""

@@ -46,6 +46,16 @@ def test_gate_needs_to_beat_a_champion_of_the_same_data_set() -> None:
     assert decide(candidate(0.96, 2.0, 0.97), GATE, champion).promote
 
 
+def test_a_tie_with_a_champion_tagged_at_six_decimals_is_no_win() -> None:
+    """295 of 359 right, as the registry's tag wrote it before full precision (0.821727):
+    the same accuracy again beat it by 2e-8 (found in the suite once bf16 moved the score)."""
+    same = 295 / 359
+    assert not decide(candidate(same, 2.0, same), GATE, Champion("1", float(f"{same:.6f}"),
+                                                                 DIGITS)).promote
+    assert not decide(candidate(same, 2.0, same), GATE, Champion("1", same, DIGITS)).promote
+    assert decide(candidate(296 / 359, 2.0, same), GATE, Champion("1", same, DIGITS)).promote
+
+
 def test_a_champion_of_another_data_set_is_never_compared_or_replaced() -> None:
     cifar = Champion("7", 0.41, "image-folder:fedcba9876543210")
     decision = decide(candidate(0.97, 2.0, 0.98), GATE, cifar)  # "beats" 0.41, on other data

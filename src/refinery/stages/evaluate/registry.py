@@ -43,6 +43,10 @@ class Candidate:
     dataset: str = ""  # refinery.formats.prepared.dataset_identity of its test split
 
 
+#: Two accuracies closer than this are a tie (test sets have far fewer than 10^6 images).
+TIE_TOLERANCE = 1e-6
+
+
 @dataclass(frozen=True)
 class Champion:
     version: str
@@ -88,7 +92,9 @@ def decide(candidate: Candidate, gate: GateParams, champion: Champion | None) ->
     elif champion.accuracy is None:
         checks.append((False, f"champion v{champion.version} has no test_accuracy tag"))
     else:
-        beats = acc > champion.accuracy
+        # accuracies on one test set differ by at least 1/len(test) when they differ at all;
+        # a champion tagged at 6 decimals by an older version is within 5e-7 of its value
+        beats = acc - champion.accuracy > TIE_TOLERANCE
         checks.append((beats, f"accuracy {acc:.4f} {'beats' if beats else 'does not beat'} "
                               f"champion v{champion.version} ({champion.accuracy:.4f})"))
     return GateDecision(promote=all(ok for ok, _ in checks),
@@ -130,7 +136,7 @@ def register(run: Any, reg: RegistryParams, rows: Mapping[str, ModelRow],
     decision.version = version
     decision.teacher_version = str(teacher_mv.version)
     version_tags = {
-        "test_accuracy": f"{candidate.accuracy:.6f}",
+        "test_accuracy": repr(float(candidate.accuracy)),  # full precision: compared later
         "latency_p50_ms": f"{candidate.latency_p50_ms:.4f}",
         "teacher_accuracy": f"{candidate.teacher_accuracy:.6f}",
         "gate": "passed" if decision.promote else "refused",
