@@ -29,6 +29,19 @@ def test_every_arch_takes_its_input_size(arch: str, size: int, channels: int) ->
     assert out.shape == (2, 10)
 
 
+@pytest.mark.parametrize("arch", ["resnet18", "compact"])
+def test_each_stem_sets_the_first_stage_resolution(arch: str) -> None:
+    """small keeps 32 px, strided halves it, imagenet quarters it; auto is small at 32 px."""
+    seen: dict[str, int] = {}
+    for stem, expected in (("small", 32), ("strided", 16), ("imagenet", 8), ("auto", 32)):
+        model = models.build_model(_config(arch, 32, stem=stem)).eval()
+        first = model.backbone.layer1 if arch == "resnet18" else model.backbone.blocks[0]
+        first.register_forward_pre_hook(lambda _, args, s=stem: seen.update({s: args[0].shape[-1]}))
+        with torch.no_grad():
+            assert model(torch.rand(2, 3, 32, 32)).shape == (2, 10)
+        assert seen[stem] == expected, (stem, seen)
+
+
 def test_student_is_much_smaller_than_the_teacher() -> None:
     teacher = models.build_model(_config("resnet18", 32))
     student = models.build_model(_config("student", 32, width=32, depth=(2, 2, 2)))

@@ -48,6 +48,12 @@ def available() -> list[str]:
 #: ``stem: auto`` keeps a 3x3 stride-1 stem up to this image side, the ImageNet stem above.
 SMALL_STEM_MAX_SIDE = 32
 
+#: What each ``stem`` value does to the input resolution before the first stage:
+#: small keeps it (3x3 stride 1), strided halves it (3x3 stride 2: a quarter of the
+#: work at the same side, the CPU-budget choice at 32 px), imagenet quarters it
+#: (7x7 stride 2 and a 3x3 stride-2 max-pool, the layout published weights expect).
+Stem = Literal["auto", "small", "strided", "imagenet"]
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -58,7 +64,7 @@ class ModelConfig:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     classes: tuple[str, ...] = ()
-    stem: Literal["auto", "small", "imagenet"] = "auto"
+    stem: Stem = "auto"
     width: int = 32  # student only
     depth: tuple[int, ...] = field(default=(1, 1, 1))  # student only
     pruned: bool = False  # channel-pruned: layer widths come from the saved state dict
@@ -169,6 +175,9 @@ def _resnet_backbone(config: ModelConfig) -> tuple[nn.Module, int]:
         # CIFAR-style stem: a 7x7/2 conv and a max-pool would shrink 32x32 to 8x8 at once.
         net.conv1 = nn.Conv2d(config.in_channels, 64, 3, stride=1, padding=1, bias=False)
         net.maxpool = nn.Identity()
+    elif config.resolved_stem == "strided":
+        net.conv1 = nn.Conv2d(config.in_channels, 64, 3, stride=2, padding=1, bias=False)
+        net.maxpool = nn.Identity()
     elif config.in_channels != 3:
         net.conv1 = nn.Conv2d(config.in_channels, 64, 7, stride=2, padding=3, bias=False)
     feature_dim = net.fc.in_features
@@ -201,13 +210,18 @@ class BasicBlock(nn.Module):
 class StudentBackbone(nn.Module):
     """A small ResNet: width doubles and resolution halves at each stage."""
 
-    def __init__(self, in_channels: int, width: int, depth: tuple[int, ...]) -> None:
+    def __init__(self, in_channels: int, width: int, depth: tuple[int, ...],
+                 stem: str = "small") -> None:
         super().__init__()
-        self.stem = nn.Sequential(
-            nn.Conv2d(in_channels, width, 3, padding=1, bias=False),
+        kernel, stride = (7, 2) if stem == "imagenet" else (3, 2 if stem == "strided" else 1)
+        layers: list[nn.Module] = [
+            nn.Conv2d(in_channels, width, kernel, stride=stride, padding=kernel // 2, bias=False),
             nn.BatchNorm2d(width),
             nn.ReLU(),
-        )
+        ]
+        if stem == "imagenet":
+            layers.append(nn.MaxPool2d(3, stride=2, padding=1))
+        self.stem = nn.Sequential(*layers)
         blocks: list[nn.Module] = []
         c_in = width
         for index, count in enumerate(depth):
@@ -229,18 +243,20 @@ for _name in ("resnet18", "resnet34", "resnet50"):
 
 @register_model("student")
 def _student_backbone(config: ModelConfig) -> tuple[nn.Module, int]:
-    backbone = StudentBackbone(config.in_channels, config.width, config.depth)
+    backbone = StudentBackbone(config.in_channels, config.width, config.depth,
+                               config.resolved_stem)
     return backbone, backbone.out_dim
 
 
 #: The compact teacher: the student's family at twice the default student's width
-#: (64, 128, 256 channels; 2.8M parameters, 4x the student), no stem downsampling.
+#: (64, 128, 256 channels; 2.8M parameters, 4x the student); its stem follows ``stem``.
 COMPACT_WIDTH, COMPACT_DEPTH = 64, (2, 2, 2)
 
 
 @register_model("compact")
 def _compact_backbone(config: ModelConfig) -> tuple[nn.Module, int]:
-    backbone = StudentBackbone(config.in_channels, COMPACT_WIDTH, COMPACT_DEPTH)
+    backbone = StudentBackbone(config.in_channels, COMPACT_WIDTH, COMPACT_DEPTH,
+                               config.resolved_stem)
     return backbone, backbone.out_dim
 
 

@@ -278,8 +278,10 @@ class TeacherParams(Section):
     arch: str = Field("auto", min_length=1, description="auto, or a registered model "
                       "(refinery.models.available(); checked with the training plan); auto: "
                       "compact up to 16 px images, resnet18 above")
-    stem: Literal["auto", "small", "imagenet"] = Field(
-        "auto", description="small: 3x3 stride-1 stem for small images; auto picks by image size"
+    stem: Literal["auto", "small", "strided", "imagenet"] = Field(
+        "auto", description="small: 3x3 stride 1 (full resolution); strided: 3x3 stride 2 (a "
+        "quarter of the work); imagenet: 7x7 stride 2 + max-pool; auto: small up to 32 px, "
+        "imagenet above"
     )
     weights: WeightsParams | None = Field(
         None, description="published backbone weights to start pretraining from (null: "

@@ -122,7 +122,8 @@ def distill(p: DistillParams, *, model_p: ModelParams, engine_p: EngineParams, s
     student = models.build_model(models.ModelConfig(
         arch="student", in_channels=data.channels, image_size=data.size,
         num_classes=data.num_classes, classes=tuple(data.classes), mean=tuple(data.mean),
-        std=tuple(data.std), width=model_p.student.width, depth=model_p.student.depth))
+        std=tuple(data.std), width=model_p.student.width, depth=model_p.student.depth,
+        stem="small"))  # full resolution: the student's cost is set by width and depth
     labels = torch.full((len(data.train),), UNLABELED, dtype=torch.int64)
     labels[data.labeled] = data.train.labels[data.labeled]
     rows = torch.arange(len(data.train)) if p.use_unlabeled else data.labeled
