@@ -29,7 +29,7 @@ pipeline: $(STAMP)
 TEST_WORKERS ?= 2
 
 test: $(STAMP)
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -n $(TEST_WORKERS)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -n $(TEST_WORKERS) --durations=30
 
 # The development loop: everything but the end-to-end tests (servers, training).
 test-fast: $(STAMP)

@@ -105,7 +105,7 @@ def test_lpft_fits_the_head_to_the_frozen_features() -> None:
 
     torch.manual_seed(0)
     model = models.build_model(_config("student", 8, 1, width=8, depth=(1, 1)))
-    images = torch.randint(0, 256, (400, 1, 8, 8), dtype=torch.uint8)
+    images = torch.randint(0, 256, (500, 1, 8, 8), dtype=torch.uint8)
     with torch.no_grad():
         model.eval()
         features = model.features(images.float() / 255)
@@ -113,14 +113,15 @@ def test_lpft_fits_the_head_to_the_frozen_features() -> None:
     score = (score - score.median()) / score.std()
     keep = score.abs() > 0.5  # linearly separable with a margin
     images, labels = images[keep], (score[keep] > 0).long()
+    train, val = slice(0, len(images) - 80), slice(len(images) - 80, None)
     backbone_before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
     model.train()
-    accuracy = fit_head(model, images, labels)
-    assert accuracy >= 0.95
+    probe = fit_head(model, images[train], labels[train], images[val], labels[val])
+    assert probe.train_acc >= 0.95 and probe.val_acc >= 0.9
     assert model.training  # restored
     assert all(torch.equal(v, model.backbone.state_dict()[k])  # the backbone is untouched
                for k, v in backbone_before.items())
     with torch.no_grad():
         model.eval()
-        predicted = model(images.float() / 255).argmax(1)
-    assert (predicted == labels).float().mean() == pytest.approx(accuracy)
+        predicted = model(images[val].float() / 255).argmax(1)
+    assert (predicted == labels[val]).float().mean() == pytest.approx(probe.val_acc)

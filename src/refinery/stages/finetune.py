@@ -39,6 +39,7 @@ from refinery.formats.policies import load_policies
 from refinery.formats.prepared import PreparedData, load_prepared
 from refinery.params import EngineParams, FinetuneParams, ModelParams, Params
 from refinery.pipeline import stage_named
+from refinery.probe import Probe, fit_probe
 from refinery.scoring import accuracy
 from refinery.training import TrainingFiles, TrainResult, finish_training, run_model
 
@@ -118,42 +119,25 @@ def build_classifier(data: PreparedData, model_p: ModelParams, init: Init,
 
 
 def fit_head(model: models.ImageClassifier, images: torch.Tensor, labels: torch.Tensor,
-             weight_decay: float = 1e-3, iterations: int = 200) -> float:
+             val_images: torch.Tensor, val_labels: torch.Tensor) -> Probe:
     """LP-FT's first step: the linear head on the frozen backbone's features of the labeled
-    images (no augmentation, BN in eval mode), multinomial logistic regression with L2 by
-    L-BFGS on standardised features (so the penalty means the same at any feature scale),
-    folded back into the head's weights. Deterministic. Returns the head's training
-    accuracy."""
+    images (no augmentation, BN in eval mode), its L2 penalty chosen on val
+    (:func:`refinery.probe.fit_probe`), copied into the head. Deterministic."""
     head = model.head
     if not isinstance(head, nn.Linear):
         raise RefineryError("finetune.mode: lpft needs a linear head")
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        features = torch.cat([model.features(images[i:i + 256].float().div(255))
-                              for i in range(0, len(images), 256)]).float()
-    targets = labels.to(features.device)
-    mean, std = features.mean(0), features.std(0).clamp_min(1e-6)
-    features = (features - mean) / std
-    weight = torch.zeros_like(head.weight, dtype=torch.float32, requires_grad=True)
-    bias = torch.zeros_like(head.bias, dtype=torch.float32, requires_grad=True)
-    optimizer = torch.optim.LBFGS([weight, bias], max_iter=iterations,
-                                  line_search_fn="strong_wolfe")
-
-    def closure() -> torch.Tensor:
-        optimizer.zero_grad()
-        loss = F.cross_entropy(features @ weight.T + bias, targets) \
-            + weight_decay * weight.pow(2).sum()
-        loss.backward()
-        return loss
-
-    optimizer.step(closure)
-    with torch.no_grad():  # w . (f - mean) / std + b  ==  (w / std) . f + (b - w . mean / std)
-        head.weight.copy_(weight / std)
-        head.bias.copy_(bias - (weight / std) @ mean)
-        accuracy_ = float(((features @ weight.T + bias).argmax(1) == targets).float().mean())
+        train, val = ([torch.cat([model.features(split[i:i + 256].float().div(255)).float()
+                                  for i in range(0, len(split), 256)])
+                       for split in (images, val_images)])
+    probe = fit_probe(train, labels, val, val_labels, head.out_features)
+    with torch.no_grad():
+        head.weight.copy_(probe.weight.to(head.weight))
+        head.bias.copy_(probe.bias.to(head.bias))
     model.train(was_training)
-    return accuracy_
+    return probe
 
 
 def finetune(p: FinetuneParams, *, model_p: ModelParams, engine_p: EngineParams, seed: int,
@@ -177,11 +161,12 @@ def finetune(p: FinetuneParams, *, model_p: ModelParams, engine_p: EngineParams,
         for param in model.backbone.parameters():
             param.requires_grad_(False)
     labeled = data.labeled
-    head_fit_acc = None
+    probe = None
     if p.mode == "lpft" and init == "pretrained":
-        head_fit_acc = fit_head(model, data.train.images[labeled], data.train.labels[labeled])
-        log.info("finetune: LP-FT head fitted on frozen features (train acc %.4f)",
-                 head_fit_acc)
+        probe = fit_head(model, data.train.images[labeled], data.train.labels[labeled],
+                         data.val.images, data.val.labels)
+        log.info("finetune: LP-FT head fitted on frozen features: L2 %g chosen on val, "
+                 "train acc %.4f, val acc %.4f", probe.l2, probe.train_acc, probe.val_acc)
     monitors = {"val": (DeviceData(data.val.images, None, rt), data.val.labels.to(rt.device))}
     if monitor_test:
         monitors["test"] = (DeviceData(data.test.images, None, rt),
@@ -221,8 +206,9 @@ def finetune(p: FinetuneParams, *, model_p: ModelParams, engine_p: EngineParams,
     }
     if monitor_test:
         metrics["test_acc"] = final.get("test_acc", float("nan"))
-    if head_fit_acc is not None:
-        metrics["lpft_head_train_acc"] = head_fit_acc
+    if probe is not None:
+        metrics.update(lpft_head_train_acc=probe.train_acc, lpft_head_val_acc=probe.val_acc,
+                       lpft_head_l2=probe.l2)
     return finish_training(
         rt, ckpt, task.model, files=files, extra={"stage": stage, "init": init},
         history=outcome.history,

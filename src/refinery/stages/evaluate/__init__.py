@@ -184,7 +184,8 @@ def _evidence(p: EvaluateParams, prepared_dir: Path, pretrained_dir: Path | None
     if pretrained_dir is not None:
         log.info("evaluate: linear probe on the frozen pretrained features")
         rows_.append(baselines.linear_probe(pretrained_dir, labeled_images, labeled_labels,
-                                            data.test.images, p.batch_size, p.bootstrap.seed))
+                                            data.val.images, data.val.labels.numpy(),
+                                            data.test.images, classes, p.batch_size))
     boot = Bootstrap(len(test_labels), p.bootstrap.resamples, p.bootstrap.seed,
                      p.bootstrap.level)
     comparisons = [(row.name, row.compared_to, row.step) for row in rows

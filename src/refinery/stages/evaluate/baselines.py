@@ -10,8 +10,9 @@ resamples as the models (:mod:`refinery.stages.evaluate.uncertainty`):
   labels the models were trained on); on an unbalanced test set it can sit
   far above chance, and it is the floor a model must clear;
 - ``linear_probe``: logistic regression on the *frozen* features of the
-  pretrained backbone, fitted on the labeled subset: what self-supervised
-  pretraining learned by itself, before any fine-tuning.
+  pretrained backbone, fitted on the labeled subset (its penalty chosen on
+  val): what self-supervised pretraining learned by itself, before any
+  fine-tuning.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 
 from refinery import models
+from refinery.probe import fit_probe
 from refinery.scoring import predict_logits
 
 #: The baselines' rows, as reports list them after the models.
@@ -55,18 +57,15 @@ def majority(labeled_labels: np.ndarray, test_labels: np.ndarray, classes: int) 
 
 
 def linear_probe(pretrained_dir: Path, labeled_images: torch.Tensor,
-                 labeled_labels: np.ndarray, test_images: torch.Tensor,
-                 batch_size: int, seed: int) -> Baseline:
-    """Standardised frozen features, multinomial logistic regression (L-BFGS, C = 1)."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.preprocessing import StandardScaler
-
+                 labeled_labels: np.ndarray, val_images: torch.Tensor, val_labels: np.ndarray,
+                 test_images: torch.Tensor, classes: int, batch_size: int) -> Baseline:
+    """Logistic regression on the frozen features, its L2 chosen on val: the same probe
+    LP-FT starts fine-tuning from (:func:`refinery.probe.fit_probe`)."""
     backbone = models.load_model(pretrained_dir).eval()  # saved without a head: features
-    torch.manual_seed(seed)
-    train, test = (predict_logits(backbone, images, batch_size).numpy().astype(np.float64)
-                   for images in (labeled_images, test_images))
-    scaler = StandardScaler().fit(train)
-    probe = LogisticRegression(max_iter=5000, random_state=seed)
-    probe.fit(scaler.transform(train), labeled_labels)
+    train, val, test = (predict_logits(backbone, images, batch_size)
+                        for images in (labeled_images, val_images, test_images))
+    probe = fit_probe(train, torch.from_numpy(labeled_labels), val,
+                      torch.from_numpy(val_labels), classes)
     return Baseline("linear_probe", "logistic regression on the frozen pretrained features, "
-                    "fitted on the labeled subset", probe.predict(scaler.transform(test)))
+                    f"fitted on the labeled subset (L2 {probe.l2:g}, chosen on val)",
+                    probe.logits(test).argmax(1).numpy())
