@@ -46,10 +46,10 @@ CPU_BUDGET: dict[str, Any] = {
     "pretrain.batch_size": 256,
     "pretrain.optim.lr": 0.4,              # LARS, the profile's 0.8 at 512 scaled linearly
     "pretrain.optim.warmup_epochs": 3,
-    "distill.epochs": 15,
+    "distill.epochs": 12,
     "distill.batch_size": 256,
     "distill.optim.lr": 0.1,               # the profile's 0.2 at 512 scaled linearly
-    "prune.epochs": 5,
+    "prune.epochs": 4,
 }
 TRAINING_STAGES = ("pretrain", "finetune", "finetune_scratch", "distill", "prune")
 BUDGET_S = 20 * 60
