@@ -55,27 +55,36 @@ class LARS(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """One update per group with ``torch._foreach_*`` ops: a handful of kernels for all
+        of a group's tensors, instead of ~7 tiny ones per tensor (ResNet-18 has ~60)."""
         loss = closure() if closure is not None else None
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                grad = p.grad
-                if not group["lars_exclude"]:
-                    grad = grad.add(p, alpha=group["weight_decay"])
-                    w_norm, g_norm = torch.norm(p), torch.norm(grad)
-                    trust = torch.where(
-                        (w_norm > 0) & (g_norm > 0),
-                        group["trust_coefficient"] * w_norm / g_norm,
-                        torch.ones_like(w_norm),
-                    )
-                    grad = grad.mul(trust)
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.clone(grad).detach()
-                else:
-                    state["momentum_buffer"].mul_(group["momentum"]).add_(grad)
-                p.add_(state["momentum_buffer"], alpha=-group["lr"])
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            if not group["lars_exclude"]:
+                grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
+                w_norm = torch.stack(torch._foreach_norm(params))
+                g_norm = torch.stack(torch._foreach_norm(grads))
+                trust = torch.where((w_norm > 0) & (g_norm > 0),
+                                    group["trust_coefficient"] * w_norm / g_norm,
+                                    torch.ones_like(w_norm))
+                grads = torch._foreach_mul(grads, list(trust.unbind()))
+            fresh = ["momentum_buffer" not in self.state[p] for p in params]
+            for p, g, new in zip(params, grads, fresh, strict=True):
+                if new:  # the first step: the buffer is the scaled gradient itself
+                    self.state[p]["momentum_buffer"] = torch.clone(g).detach()
+            buffers = [self.state[p]["momentum_buffer"] for p in params]
+            if not any(fresh):
+                torch._foreach_mul_(buffers, group["momentum"])
+                torch._foreach_add_(buffers, grads)
+            elif not all(fresh):  # parameters that got a gradient for the first time
+                old = [b for b, new in zip(buffers, fresh, strict=True) if not new]
+                torch._foreach_mul_(old, group["momentum"])
+                torch._foreach_add_(old, [g for g, new in zip(grads, fresh, strict=True)
+                                          if not new])
+            torch._foreach_add_(params, buffers, alpha=-group["lr"])
         return loss
 
 

@@ -57,10 +57,9 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: 
     log_p_teacher = F.log_softmax(teacher_logits.float() / t, dim=1)
     kd = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(dim=1) * (t * t)
     labeled = labels != UNLABELED
-    ce = torch.zeros_like(kd)
-    if labeled.any():
-        ce[labeled] = F.cross_entropy(student_logits[labeled].float(), labels[labeled],
-                                      reduction="none")
+    # every image's cross-entropy against a clamped label, then masked: no host sync
+    # (``labeled.any()`` and boolean indexing each wait for the device)
+    ce = F.cross_entropy(student_logits.float(), labels.clamp_min(0), reduction="none")
     per_image = alpha * kd + (1 - alpha) * ce * labeled.float()
     return per_image.mean(), {"kd": kd.mean().detach(),
                               "labeled_share": labeled.float().mean().detach()}
