@@ -23,9 +23,9 @@ pipeline: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 
 # Two workers: most of the suite waits on servers and single-threaded process start-up,
-# which overlap well even on two cores. Session fixtures are per worker, so each worker
-# makes its own session pipeline run (in parallel: cheaper than sending every test that
-# reads it to one worker, measured). TEST_WORKERS=0 runs everything in one process.
+# which overlap well even on two cores. The session's pipeline run is built once, in the
+# background, while the tests that do not read it run (tests/pipeline_run.py).
+# TEST_WORKERS=0 runs everything in one process.
 TEST_WORKERS ?= 2
 
 test: $(STAMP)

@@ -6,7 +6,12 @@ import os
 from pathlib import Path
 
 import pytest
-from pipeline_run import pipeline_run  # noqa: F401  (session fixtures for every module)
+from pipeline_run import (  # noqa: F401  (session fixtures for every module)
+    BUILD_TIMEOUT_S,
+    pipeline_run,
+    start_build,
+    stop_build,
+)
 from servers import dvc_cache, mlflow_server, prefect_server  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]
@@ -17,6 +22,29 @@ os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+
+
+@pytest.hookimpl(trylast=True)  # after -k/-m have deselected
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests that read the session's pipeline run go last, the longest of them first, and
+    the run starts building now in the background: the other tests run meanwhile."""
+    reads = [item for item in items if "pipeline_run" in getattr(item, "fixturenames", ())]
+    if not reads or config.option.collectonly:
+        return
+    start_build(config)
+    # The first reader may wait for the build: its set-up gets that long on top.
+    for item in reads:
+        limit = float(config.getini("timeout") or 0)
+        if limit and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(limit + BUILD_TIMEOUT_S))
+    chosen = set(reads)
+    items[:] = ([item for item in items if item not in chosen]
+                + sorted(reads, key=lambda item: item.get_closest_marker("longest") is None))
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    if not hasattr(session.config, "workerinput"):  # the main process: the session's end
+        stop_build(session.config)
 
 
 @pytest.fixture(scope="session", autouse=True)

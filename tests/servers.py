@@ -162,6 +162,13 @@ class PostgresCluster:
         self.data = self.root / "data"
         self.port = free_port()
 
+    @classmethod
+    def attach(cls, root: Path, port: int) -> PostgresCluster:
+        """The cluster another process started (and will stop)."""
+        cluster = cls.__new__(cls)
+        cluster.root, cluster.data, cluster.port = root, root / "data", port
+        return cluster
+
     @staticmethod
     def _bin(tool: str) -> str:
         found = shutil.which(tool) or next(iter(sorted(
@@ -315,8 +322,8 @@ class PrefectServer(ServerProcess):
 
     AUTH = "refinery:prefect-tests-secret"
 
-    def __init__(self, home: Path, scheduler: bool = False) -> None:
-        self.port = free_port()
+    def __init__(self, home: Path, scheduler: bool = False, port: int | None = None) -> None:
+        self.port = port or free_port()
         self.home = home
         home.mkdir(parents=True, exist_ok=True)
         argv = [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
@@ -436,37 +443,62 @@ _SHARED: dict[str, ServerProcess] = {}
 
 #: The team server's users: the pipeline's (edits what it creates) and a reader.
 PIPELINE_USER, VIEWER = "pipeline", "viewer"
+TEAM_USERS = {PIPELINE_USER: "pipeline-secret", VIEWER: "viewer-secret"}
+
+
+def start_team_mlflow(root: Path) -> MlflowServer:
+    """The team set-up of ``mlflow/README.md``: PostgreSQL for runs and registry, a second
+    PostgreSQL database for users, basic-auth with :data:`TEAM_USERS`, artifacts proxied
+    to a folder. Stop it with :func:`stop_team_mlflow`."""
+    database = PostgresCluster().start()
+    try:
+        secret = root / "admin-password"
+        root.mkdir(parents=True, exist_ok=True)
+        secret.write_text("refinery-tests-admin\n")
+        secret.chmod(0o600)
+        auth = TeamAuth(secret, database.create_database("mlflow_auth"), TEAM_USERS)
+        return MlflowServer(root, backend=database.create_database("mlflow"), auth=auth,
+                            database=database).start()
+    except BaseException:
+        database.stop()
+        raise
+
+
+def stop_team_mlflow(server: MlflowServer) -> None:
+    try:
+        server.stop()
+    finally:
+        if server.database is not None:
+            server.database.stop()
 
 
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
-    """One MLflow server for the session, shared by every module that imports this fixture:
-    the team set-up of ``mlflow/README.md`` (PostgreSQL for runs and registry, a second
-    PostgreSQL database for users, basic-auth, artifacts proxied to a folder). The test
+    """One MLflow server for the session (each xdist worker its own), shared by every
+    module that imports this fixture: the team set-up (:func:`start_team_mlflow`). The test
     process and every stage it starts sign in as the pipeline's user."""
     if "mlflow" in _SHARED:
         yield _SHARED["mlflow"]  # type: ignore[misc]
         return
-    root = tmp_path_factory.mktemp("mlflow-server")
-    database = PostgresCluster().start()
-    secret = root / "admin-password"
-    secret.write_text("refinery-tests-admin\n")
-    secret.chmod(0o600)
-    auth = TeamAuth(secret, database.create_database("mlflow_auth"),
-                    {PIPELINE_USER: "pipeline-secret", VIEWER: "viewer-secret"})
-    saved = {key: os.environ.get(key) for key in auth.client_env(PIPELINE_USER)}
-    os.environ.update(auth.client_env(PIPELINE_USER))
-    try:
-        server = MlflowServer(root, backend=database.create_database("mlflow"), auth=auth,
-                              database=database).start()
+    with signed_in(PIPELINE_USER):
+        server = start_team_mlflow(tmp_path_factory.mktemp("mlflow-server"))
         _SHARED["mlflow"] = server
         try:
             yield server
         finally:
             _SHARED.pop("mlflow", None)
-            server.stop()
+            stop_team_mlflow(server)
+
+
+@contextlib.contextmanager
+def signed_in(user: str) -> Iterator[None]:
+    """This process (and what it starts) signs in to the team servers as ``user``."""
+    env = {"MLFLOW_TRACKING_USERNAME": user, "MLFLOW_TRACKING_PASSWORD": TEAM_USERS[user]}
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    try:
+        yield
     finally:
-        database.stop()
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)

@@ -132,17 +132,24 @@ def test_the_real_gate_accepts_refuses_and_promotes_only_a_better_model(
     assert client.get_model_version_by_alias(name, "champion").version == first["version"]
 
     # A weaker champion of the same data set (registered through MLflow's API, as an older
-    # run would have left it): the same models now beat it and are promoted. The version's
-    # source is its logged model (``models:/m-...``); the server wants that same model_id.
+    # run would have left it): the same models now beat it and are promoted. Under a
+    # registered name of this test's own: the session's champion is other tests' to read.
+    # The version's source is its logged model (``models:/m-...``); the server wants that
+    # same model_id.
     assert champion.source.startswith("models:/m-"), champion.source
-    weaker = client.create_model_version(name, champion.source, run_id=champion.run_id,
+    own = "gate-test-student-int8"
+    client.create_registered_model(own)
+    weaker = client.create_model_version(own, champion.source, run_id=champion.run_id,
                                          tags={**champion.tags, "test_accuracy": "0.5"},
                                          model_id=champion.source.removeprefix("models:/"))
-    client.set_registered_model_alias(name, "champion", weaker.version)
-    better = _evaluate(pipeline_run.copy_of(tmp_path / "better"), pipeline_run.env)
+    client.set_registered_model_alias(own, "champion", weaker.version)
+    better = _evaluate(pipeline_run.copy_of(tmp_path / "better"), pipeline_run.env,
+                       **{"registry.student_name": own})
     assert better["promote"] is True, better["reasons"]
+    assert better["student_model"] == own
     assert f"beats champion v{weaker.version} (0.5000)" in better["reasons"][-1]
-    assert client.get_model_version_by_alias(name, "champion").version == better["version"]
+    assert client.get_model_version_by_alias(own, "champion").version == better["version"]
+    assert client.get_model_version_by_alias(name, "champion").version == first["version"]
 
 
 def test_a_champion_of_another_test_set_is_not_compared(pipeline_run: PipelineRun,

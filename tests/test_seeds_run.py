@@ -6,20 +6,22 @@ run-cache), with tiny training settings for every seed:
 1. ``refinery seeds --seeds 0 1 --jobs 2``: the data stages are brought up to
    date in the workspace (restored), then both seeds train at the same time as
    DVC experiments (``dvc exp run --queue``, ``dvc queue start -j 2``).
-2. ``python -m pipelines.seeds --seeds 0 1 --jobs 2`` against a Prefect
+2. then ``python -m pipelines.seeds --seeds 0 1 --jobs 2`` against a Prefect
    server, the same settings: one task per seed, both at once; every stage of
    both is restored from the run-cache the first run left, so the flow's
    experiments have exactly the first run's numbers.
 
 Each leaves ``reports/seeds/``, the experiments in ``dvc exp show``, and one
-MLflow run over the seeds.
+MLflow run over the seeds. The second needs the first's run-cache, so both are
+one test (two tests could land on different xdist workers). The seeds register
+their models under names of their own: the session's ``champion`` is other
+tests' to read.
 """
 
 from __future__ import annotations
 
 import csv
 import subprocess
-from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -31,23 +33,15 @@ from servers import BIN, children, exp_show, runs, workspace_env
 from refinery.pipeline import data_stages
 from refinery.seeds import experiment_metrics, experiment_refs
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.longest]
 
 #: Tiny training for every seed: these tests are about the machinery.
 TINY = ["pretrain.epochs=1", "finetune.epochs=3", "distill.epochs=1", "prune.epochs=1",
         "pretrain.min_steps=0", "distill.min_steps=0", "prune.min_steps=0",
-        "quantize.calibration_images=64", "quantize.qat_if_drop_above=100.0"]
+        "quantize.calibration_images=64", "quantize.qat_if_drop_above=100.0",
+        "registry.student_name=seeds-student-int8", "registry.teacher_name=seeds-teacher"]
 SETS = [arg for item in TINY for arg in ("--set", item)]
 DATA_STAGES = {stage.name for stage in data_stages()}
-
-
-@pytest.fixture(scope="module")
-def seeds_ws(tmp_path_factory: pytest.TempPathFactory, pipeline_run: PipelineRun,
-             prefect_server: Any) -> Iterator[tuple[Path, dict[str, str]]]:
-    ws = pipeline_run.copy_of(tmp_path_factory.mktemp("seeds") / "ws")
-    env = workspace_env(ws, {"MLFLOW_TRACKING_URI": pipeline_run.mlflow.uri,
-                             **prefect_server.client_env()})
-    yield ws, env
 
 
 def _window(run_: Any) -> tuple[int, int]:
@@ -92,8 +86,17 @@ def _seeds_run(mlflow_server: Any, name: str, seeds: list[int]) -> tuple[Any, li
     return parent, runs(client, query=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
 
 
-def test_refinery_seeds_runs_dvc_experiments_two_at_a_time(seeds_ws, pipeline_run) -> None:
-    ws, env = seeds_ws
+def test_seeds_as_dvc_experiments_two_at_a_time_then_as_prefect_tasks(
+        pipeline_run: PipelineRun, prefect_server: Any, tmp_path: Path) -> None:
+    ws = pipeline_run.copy_of(tmp_path / "ws")
+    env = workspace_env(ws, {"MLFLOW_TRACKING_URI": pipeline_run.mlflow.uri,
+                             **prefect_server.client_env()})
+    _refinery_seeds_runs_dvc_experiments_two_at_a_time(ws, env, pipeline_run)
+    _the_prefect_seeds_flow_fans_seeds_out_as_tasks(ws, env, pipeline_run, prefect_server)
+
+
+def _refinery_seeds_runs_dvc_experiments_two_at_a_time(ws: Path, env: dict[str, str],
+                                                       pipeline_run: PipelineRun) -> None:
     done = subprocess.run([str(BIN / "refinery"), "seeds", "--seeds", "0", "1", "--jobs", "2",
                            "--name", "cli", *SETS], cwd=ws, env=env, capture_output=True,
                           text=True, timeout=1800)
@@ -126,11 +129,9 @@ def test_refinery_seeds_runs_dvc_experiments_two_at_a_time(seeds_ws, pipeline_ru
     assert again.returncode == 2 and "exist already" in again.stderr
 
 
-def test_the_prefect_seeds_flow_fans_seeds_out_as_tasks(seeds_ws, pipeline_run,
-                                                        prefect_server) -> None:
-    ws, env = seeds_ws
-    if "cli-seed1" not in experiment_refs(ws):
-        pytest.skip("needs the refinery seeds test's experiments (run the module)")
+def _the_prefect_seeds_flow_fans_seeds_out_as_tasks(ws: Path, env: dict[str, str],
+                                                     pipeline_run: PipelineRun,
+                                                     prefect_server: Any) -> None:
     done = subprocess.run([str(BIN / "python"), "-m", "pipelines.seeds", "--seeds", "0", "1",
                            "--jobs", "2", "--name", "flow", *SETS], cwd=ws, env=env,
                           capture_output=True, text=True, timeout=1800)

@@ -1,7 +1,7 @@
 """The team servers as ``mlflow/README.md`` sets them up, really started: nobody in who
 does not belong.
 
-The session's MLflow server (``servers.mlflow_server``) is the documented team
+The session run's MLflow server (``servers.start_team_mlflow``) is the documented team
 server: ``mlflow/server.sh`` with PostgreSQL for runs and the registry, a
 second PostgreSQL database for users, MLflow's basic-auth app (admin password
 from a file, READ by default), artifacts proxied to a folder. The whole digits
@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import requests
 from pipeline_run import PipelineRun
-from servers import REPO, VIEWER, MlflowServer, PrefectServer, tool_env
+from servers import REPO, VIEWER, PrefectServer, tool_env
 
 from refinery import lineage
 from refinery.pipeline import MODELS, STAGES
@@ -122,9 +122,8 @@ def test_a_reader_in_another_process_sees_everything_and_moves_nothing(
         pipeline_run.json("reports/evaluate/details.json")[champion_model["name"]]["accuracy"])
 
 
-def test_a_client_without_credentials_is_refused(mlflow_server: MlflowServer,
-                                                 pipeline_run: PipelineRun) -> None:
-    response = requests.get(f"{mlflow_server.uri}/api/2.0/mlflow/experiments/get-by-name",
+def test_a_client_without_credentials_is_refused(pipeline_run: PipelineRun) -> None:
+    response = requests.get(f"{pipeline_run.mlflow.uri}/api/2.0/mlflow/experiments/get-by-name",
                             params={"experiment_name": "refinery"}, timeout=30)
     assert response.status_code == 401
     result = _reader(pipeline_run, None)
