@@ -41,7 +41,7 @@ from refinery.pipeline import MODELS, ModelRow, int8_row, model_row, stage_named
 from refinery.stages.evaluate import baselines
 from refinery.stages.evaluate import cost as cost_lib
 from refinery.stages.evaluate.evidence import Evidence, gather
-from refinery.stages.evaluate.placement import prediction_placement
+from refinery.stages.evaluate.placement import Placement, prediction_placement
 from refinery.stages.evaluate.report import ModelReport, comparison_table, evaluate_model
 from refinery.stages.evaluate.uncertainty import Bootstrap
 
@@ -168,7 +168,8 @@ def evaluate(p: EvaluateParams, *, seed: int, prepared_dir: Path, rows: Sequence
             device=placement.device)
         write_prediction_plots(row.name, reports[row.name].predictions, test.labels, classes,
                                plots_dir)
-    evidence = _evidence(p, prepared_dir, pretrained_dir, rows, reports, len(classes))
+    evidence = _evidence(p, prepared_dir, pretrained_dir, rows, reports, len(classes),
+                         prediction_placement("float", runtime))
     for name in evidence.not_better_than_majority:
         log.warning("evaluate: %s is not better than the majority baseline (%.2f%% vs %.2f%%)",
                     name, 100 * reports[name].accuracy,
@@ -183,7 +184,7 @@ def evaluate(p: EvaluateParams, *, seed: int, prepared_dir: Path, rows: Sequence
 
 def _evidence(p: EvaluateParams, prepared_dir: Path, pretrained_dir: Path | None,
               rows: Sequence[ModelRow], reports: dict[str, ModelReport],
-              classes: int) -> Evidence:
+              classes: int, placement: Placement) -> Evidence:
     """Baselines, then every interval on one shared set of bootstrap resamples."""
     data = load_prepared(prepared_dir)
     test_labels = data.test.labels.numpy()
@@ -195,7 +196,8 @@ def _evidence(p: EvaluateParams, prepared_dir: Path, pretrained_dir: Path | None
         log.info("evaluate: linear probe on the frozen pretrained features")
         rows_.append(baselines.linear_probe(pretrained_dir, labeled_images, labeled_labels,
                                             data.val.images, data.val.labels.numpy(),
-                                            data.test.images, classes, p.batch_size))
+                                            data.test.images, classes, p.batch_size,
+                                            placement))
     boot = Bootstrap(len(test_labels), p.bootstrap.resamples, p.bootstrap.seed,
                      p.bootstrap.level)
     comparisons = [(row.name, row.compared_to, row.step) for row in rows
