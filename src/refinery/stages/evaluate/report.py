@@ -1,7 +1,8 @@
 """One model's evaluation report, and the table that lines models up.
 
 ``evaluate_model`` takes a *prediction callable* (float images in [0, 1],
-NCHW, on the CPU -> logits), so an fp32 ``nn.Module``, a compiled module or a
+NCHW, on the CPU or on the ``device`` it is given -> logits), so an fp32
+``nn.Module``, a compiled module, a model on the GPU (:mod:`.placement`) or a
 loaded int8 ``.pt2`` are scored by the same code on the same images. Files
 land in ``out_dir/<name>/``::
 
