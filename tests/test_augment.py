@@ -420,6 +420,18 @@ def test_ssl_apply_dispatches_a_bounded_number_of_ops(monkeypatch: pytest.Monkey
     assert not syncing & {e.name for e in events}
 
 
+def test_ssl_apply_traces_to_one_graph(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What ``torch.compile`` of the accelerator path needs: no graph break in ``apply``."""
+    monkeypatch.setattr(A, "SUBSETS_ON_CPU", False)
+    torch._dynamo.reset()
+    policy = ssl_policy(3)
+    images = torch.randint(0, 256, (8, 3, S, S), generator=gen(34), dtype=torch.uint8)
+    explained = torch._dynamo.explain(policy.apply)(images, policy.sample(8, gen(35)))
+    torch._dynamo.reset()
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), \
+        explained.break_reasons
+
+
 def test_autocast_does_not_reach_the_augmentation() -> None:
     """Training steps run under bf16 autocast; the policies must still compute in float32."""
     images = torch.randint(0, 256, (8, 3, S, S), generator=gen(24), dtype=torch.uint8)
