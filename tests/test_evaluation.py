@@ -12,9 +12,11 @@ import pytest
 import torch
 
 from refinery import models, scoring
+from refinery.engine.runtime import Runtime
 from refinery.models import ModelConfig, build_model
 from refinery.params import CorruptionParams, EvaluateParams, LatencyParams
 from refinery.stages.evaluate import corruptions, cost, metrics
+from refinery.stages.evaluate.placement import Placement, prediction_placement
 from refinery.stages.evaluate.report import comparison_table, evaluate_model
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -304,6 +306,48 @@ def test_evaluate_model_writes_a_full_report(trained, tmp_path) -> None:
     assert [r["model"] for r in rows] == ["student", "again"]
     assert float(rows[0]["accuracy %"]) == pytest.approx(100 * report.accuracy)
     assert rows[0]["threads"] == "1" and rows[1]["threads"] == ""
+
+
+def _runtime(device: str, amp: torch.dtype | None) -> Runtime:
+    return Runtime(device=torch.device(device), rank=0, world_size=1, local_rank=0,
+                   amp_dtype=amp, channels_last=True, compile=False, deterministic=False,
+                   data_on_device="auto")
+
+
+def test_float_models_predict_where_the_engine_runs_int8_and_cpu_runs_in_fp32() -> None:
+    gpu = prediction_placement("float", _runtime("cuda:0", torch.bfloat16))
+    assert gpu == Placement(torch.device("cuda:0"), torch.bfloat16, channels_last=True)
+    assert prediction_placement("float", _runtime("cuda:0", None)).amp_dtype is None
+    for kind, runtime in (("int8", _runtime("cuda:0", torch.bfloat16)),  # CPU-only program
+                          ("float", _runtime("cpu", torch.bfloat16)),  # bf16 CPU: still fp32
+                          ("float", None)):
+        placement = prediction_placement(kind, runtime)
+        assert placement == Placement() and placement.on_cpu and placement.amp_dtype is None
+    with pytest.raises(ValueError, match="unknown model kind"):
+        prediction_placement("fp16", None)  # type: ignore[arg-type]
+
+
+def test_an_accelerator_predictor_runs_a_copy_there(trained) -> None:
+    """Off the CPU the predictor moves a copy of the model and each batch to its device
+    ("meta" stands in for a GPU here); the CPU model stays for the latency figures."""
+    model, images, _ = trained
+    run = Placement(torch.device("meta"), None, channels_last=True).predictor(model)
+    logits = run(images[:5].float() / 255)
+    assert logits.device.type == "meta" and logits.shape == (5, 10)
+    assert all(t.device.type == "cpu" for t in model.state_dict().values())
+
+
+def test_the_placed_predictor_scores_as_the_plain_cpu_model(trained, tmp_path) -> None:
+    """On the CPU the placed path (inference mode, images moved once) changes no number."""
+    model, images, labels = trained
+    classes = [str(i) for i in range(10)]
+    placed = prediction_placement("float", _runtime("cpu", None)).predictor(model)
+    assert torch.equal(scoring.predict_logits(placed, images, 128),
+                       scoring.predict_logits(model, images, 128))
+    new = evaluate_model(placed, images, labels, classes, FAST, tmp_path, "new", device="cpu")
+    old = evaluate_model(model, images, labels, classes, FAST, tmp_path, "old")
+    assert new.metrics() == old.metrics() and new.per_class == old.per_class
+    assert np.array_equal(new.predictions, old.predictions)
 
 
 def test_evaluate_model_checks_its_inputs(trained, tmp_path) -> None:

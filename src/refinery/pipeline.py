@@ -161,7 +161,7 @@ STAGES: tuple[Stage, ...] = (
           datasets=(("train", "calibration"), ("val", "validation"))),
     Stage("evaluate", "score every model and the baselines (chance, majority, linear probe on "
           "the pretrained features) on test, with bootstrap intervals; registry gate",
-          params=("data_seed", "evaluate", "registry"),
+          params=("data_seed", "engine", "evaluate", "registry"),
           deps=(*_PREPARED, P.PREPARED / "test.pt", P.PRETRAINED, *(row.path for row in MODELS)),
           outs=(),
           headline=("accuracy", "accuracy_low", "accuracy_high", "macro_f1", "latency_p50_ms"),

@@ -101,6 +101,22 @@ def adjust_contrast(images: Tensor, factor: Tensor) -> Tensor:
     return _blend(images, mean, factor)
 
 
+def jitter_blend(images: Tensor, factor: Tensor, to_gray: Tensor, to_mean: Tensor) -> Tensor:
+    """Brightness, contrast or saturation, each image its own, in one pass over the batch.
+
+    ``clamp(factor * x + to_gray * gray(x) + to_mean * mean(gray(x)), 0, 1)`` per image:
+    brightness with ``to_gray = to_mean = 0``, saturation with ``to_gray = 1 - factor``
+    (and ``to_mean = 0``), contrast with ``to_mean = 1 - factor`` (and ``to_gray = 0``).
+    The zero terms add exact zeros, so each image gets the very bits
+    :func:`adjust_brightness`, :func:`adjust_saturation` or :func:`adjust_contrast`
+    would give it; a colour jitter runs one of these per slot instead of all three.
+    """
+    gray = rgb_to_grayscale(images)
+    mean = gray.mean(dim=(-3, -2, -1), keepdim=True)
+    out = images * _rows(factor) + gray * _rows(to_gray)
+    return out.add_(mean * _rows(to_mean)).clamp_(0.0, 1.0)
+
+
 def adjust_sharpness(images: Tensor, factor: Tensor) -> Tensor:
     """Blend with the 3x3 smoothed image inside a 1-pixel border (torchvision/PIL's definition)."""
     _, c, h, w = images.shape

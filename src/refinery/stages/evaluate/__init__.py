@@ -11,7 +11,10 @@ uncertainty, never as a bare fact.
 Costs are stated as measured: fp32 models run eagerly (as ``load_model`` gives
 them), int8 programs run compiled to oneDNN int8 kernels (what they are for);
 an int8 row's fp32 source is also timed compiled, so the int8 speed-up is not
-flattered by comparing a compiled model with an eager one. Under the table,
+flattered by comparing a compiled model with an eager one. The scoring passes
+(accuracy, corruptions, confusion) of the float models run where the engine
+would train (:mod:`.placement`: the GPU when present), the int8 program's and
+every latency figure on the CPU. Under the table,
 one sentence per row that declares what it is ``compared_to``.
 """
 
@@ -30,6 +33,7 @@ import numpy as np
 import torch
 
 from refinery import fsutil, models, paths, stage
+from refinery.engine.runtime import Runtime, make_runtime
 from refinery.formats import int8 as int8_format
 from refinery.formats.prepared import load_prepared, load_split
 from refinery.params import EvaluateParams, Params
@@ -37,6 +41,7 @@ from refinery.pipeline import MODELS, ModelRow, int8_row, model_row, stage_named
 from refinery.stages.evaluate import baselines
 from refinery.stages.evaluate import cost as cost_lib
 from refinery.stages.evaluate.evidence import Evidence, gather
+from refinery.stages.evaluate.placement import Placement, prediction_placement
 from refinery.stages.evaluate.report import ModelReport, comparison_table, evaluate_model
 from refinery.stages.evaluate.uncertainty import Bootstrap
 
@@ -123,12 +128,14 @@ def write_prediction_plots(name: str, predictions: np.ndarray, labels: torch.Ten
 
 
 def evaluate(p: EvaluateParams, *, seed: int, prepared_dir: Path, rows: Sequence[ModelRow],
-             out_dir: Path, plots_dir: Path, pretrained_dir: Path | None = None
-             ) -> EvaluateResult:
+             out_dir: Path, plots_dir: Path, pretrained_dir: Path | None = None,
+             runtime: Runtime | None = None) -> EvaluateResult:
     """Score every model row and the baselines on the test split; write per-model reports,
     the comparison (``comparison.md``/``.csv``) and its intervals (``evidence.json``).
 
     ``pretrained_dir`` (a backbone saved without a head) adds the linear-probe baseline.
+    ``runtime``: the engine's device and precision choice; float models predict there
+    (:func:`.placement.prediction_placement`), ``None`` keeps everything on the CPU.
     """
     test = load_split(prepared_dir / "test.pt")
     classes = list(json.loads((prepared_dir / "meta.json").read_text())["classes"])
@@ -139,6 +146,7 @@ def evaluate(p: EvaluateParams, *, seed: int, prepared_dir: Path, rows: Sequence
     out_dir.mkdir(parents=True, exist_ok=True)
     for row in rows:
         log.info("evaluate: %s%s", row.name, " (compiling int8 kernels)" if row.int8 else "")
+        placement = prediction_placement("int8" if row.int8 else "float", runtime)
         if row.int8:
             program = int8_format.compile_for_cpu(int8_format.load_quantized(row.file))
             predict, cost_predict, gpu, parameters = (
@@ -146,8 +154,9 @@ def evaluate(p: EvaluateParams, *, seed: int, prepared_dir: Path, rows: Sequence
                 reports[row.source].cost.parameters if row.source in reports else None)
         else:
             model = models.load_model(row.path).eval()
-            predict = cost_predict = _fp32_predict(model)
-            gpu, parameters = _gpu_predict(model), models.parameter_count(model)
+            predict, cost_predict = placement.predictor(model), _fp32_predict(model)
+            gpu = predict if placement.device.type == "cuda" else _gpu_predict(model)
+            parameters = models.parameter_count(model)
             if row.name in sources:
                 compiled_ms[row.name] = cost_lib.cpu_latency(
                     _fp32_predict(torch.compile(model, dynamic=False)), shape,
@@ -155,10 +164,12 @@ def evaluate(p: EvaluateParams, *, seed: int, prepared_dir: Path, rows: Sequence
                     iterations=p.latency.iterations).p50_ms
         reports[row.name] = evaluate_model(
             predict, test.images, test.labels, classes, p, out_dir, row.name, seed=seed,
-            cost_predict=cost_predict, parameters=parameters, file=row.file, gpu_predict=gpu)
+            cost_predict=cost_predict, parameters=parameters, file=row.file, gpu_predict=gpu,
+            device=placement.device)
         write_prediction_plots(row.name, reports[row.name].predictions, test.labels, classes,
                                plots_dir)
-    evidence = _evidence(p, prepared_dir, pretrained_dir, rows, reports, len(classes))
+    evidence = _evidence(p, prepared_dir, pretrained_dir, rows, reports, len(classes),
+                         prediction_placement("float", runtime))
     for name in evidence.not_better_than_majority:
         log.warning("evaluate: %s is not better than the majority baseline (%.2f%% vs %.2f%%)",
                     name, 100 * reports[name].accuracy,
@@ -173,7 +184,7 @@ def evaluate(p: EvaluateParams, *, seed: int, prepared_dir: Path, rows: Sequence
 
 def _evidence(p: EvaluateParams, prepared_dir: Path, pretrained_dir: Path | None,
               rows: Sequence[ModelRow], reports: dict[str, ModelReport],
-              classes: int) -> Evidence:
+              classes: int, placement: Placement) -> Evidence:
     """Baselines, then every interval on one shared set of bootstrap resamples."""
     data = load_prepared(prepared_dir)
     test_labels = data.test.labels.numpy()
@@ -185,7 +196,8 @@ def _evidence(p: EvaluateParams, prepared_dir: Path, pretrained_dir: Path | None
         log.info("evaluate: linear probe on the frozen pretrained features")
         rows_.append(baselines.linear_probe(pretrained_dir, labeled_images, labeled_labels,
                                             data.val.images, data.val.labels.numpy(),
-                                            data.test.images, classes, p.batch_size))
+                                            data.test.images, classes, p.batch_size,
+                                            placement))
     boot = Bootstrap(len(test_labels), p.bootstrap.resamples, p.bootstrap.seed,
                      p.bootstrap.level)
     comparisons = [(row.name, row.compared_to, row.step) for row in rows
@@ -231,9 +243,11 @@ def main(params: Params, args: argparse.Namespace) -> None:
     declared = stage_named("evaluate")
     deployable = int8_row()
     with stage.tracked(declared, params) as run:
+        runtime = make_runtime(params.engine, params.data_seed)  # the device and precision
         result = evaluate(params.evaluate, seed=params.data_seed, prepared_dir=paths.PREPARED,
                           rows=MODELS, out_dir=declared.reports,
-                          plots_dir=paths.PLOTS / "evaluate", pretrained_dir=paths.PRETRAINED)
+                          plots_dir=paths.PLOTS / "evaluate", pretrained_dir=paths.PRETRAINED,
+                          runtime=runtime)
         flagged = result.evidence.not_better_than_majority
         stage.finish(declared, run, result.metrics(), warnings=[
             f"{name} is not better than the majority baseline" for name in flagged])

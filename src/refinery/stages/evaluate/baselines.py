@@ -26,6 +26,7 @@ import torch
 from refinery import models
 from refinery.probe import fit_probe
 from refinery.scoring import predict_logits
+from refinery.stages.evaluate.placement import Placement
 
 #: The baselines' rows, as reports list them after the models.
 NAMES = ("linear_probe", "majority", "chance")
@@ -58,11 +59,18 @@ def majority(labeled_labels: np.ndarray, test_labels: np.ndarray, classes: int) 
 
 def linear_probe(pretrained_dir: Path, labeled_images: torch.Tensor,
                  labeled_labels: np.ndarray, val_images: torch.Tensor, val_labels: np.ndarray,
-                 test_images: torch.Tensor, classes: int, batch_size: int) -> Baseline:
+                 test_images: torch.Tensor, classes: int, batch_size: int,
+                 placement: Placement | None = None) -> Baseline:
     """Logistic regression on the frozen features, its L2 chosen on val: the same probe
-    LP-FT starts fine-tuning from (:func:`refinery.probe.fit_probe`)."""
+    LP-FT starts fine-tuning from (:func:`refinery.probe.fit_probe`).
+
+    ``placement``: where the backbone computes the features (the CPU when ``None``);
+    the probe is fitted on the CPU.
+    """
+    placement = placement or Placement()
     backbone = models.load_model(pretrained_dir).eval()  # saved without a head: features
-    train, val, test = (predict_logits(backbone, images, batch_size)
+    features = placement.predictor(backbone)
+    train, val, test = (predict_logits(features, images.to(placement.device), batch_size)
                         for images in (labeled_images, val_images, test_images))
     probe = fit_probe(train, torch.from_numpy(labeled_labels), val,
                       torch.from_numpy(val_labels), classes)

@@ -1,7 +1,8 @@
 """One model's evaluation report, and the table that lines models up.
 
 ``evaluate_model`` takes a *prediction callable* (float images in [0, 1],
-NCHW, on the CPU -> logits), so an fp32 ``nn.Module``, a compiled module or a
+NCHW, on the CPU or on the ``device`` it is given -> logits), so an fp32
+``nn.Module``, a compiled module, a model on the GPU (:mod:`.placement`) or a
 loaded int8 ``.pt2`` are scored by the same code on the same images. Files
 land in ``out_dir/<name>/``::
 
@@ -98,13 +99,16 @@ def evaluate_model(
     parameters: int | None = None,
     file: str | Path | None = None,
     gpu_predict: Predict | None = None,
+    device: torch.device | str = "cpu",
 ) -> ModelReport:
     """Score one model on clean and corrupted test images; write its report files.
 
     ``cost_predict`` (often ``predict`` itself) is timed for batch-1 latency and
     throughput with ``params.latency``; ``parameters`` and ``file`` fill the size
     columns; ``gpu_predict`` (a CUDA model) adds bf16 GPU throughput when CUDA
-    is available.
+    is available. ``device``: where the scoring passes build their batches (the
+    images move there once, the corruptions run there); ``predict`` takes them
+    from there (see :mod:`.placement`). Costs are measured on the CPU regardless.
     """
     if images_uint8.dtype != torch.uint8 or images_uint8.dim() != 4:
         raise ValueError("images must be uint8 (N, C, H, W)")
@@ -113,7 +117,8 @@ def evaluate_model(
     if int(labels.min()) < 0 or int(labels.max()) >= len(classes):
         raise ValueError(f"labels must be in 0..{len(classes) - 1}")
     batch = params.batch_size
-    logits = predict_logits(predict, images_uint8, batch)
+    images = images_uint8.to(device)
+    logits = predict_logits(predict, images, batch)
     scores = metrics.classification_metrics(logits, labels, classes)
     cal = metrics.calibration(metrics.softmax(logits), labels, params.calibration_bins)
 
@@ -123,7 +128,7 @@ def evaluate_model(
             return corruptions.corrupt(corruption, x, params.corruptions, batch_seed(seed, index))
 
         robust[corruption] = scoring.accuracy(
-            predict_logits(predict, images_uint8, batch, transform), labels
+            predict_logits(predict, images, batch, transform), labels
         )
 
     channels, height, width = (int(d) for d in images_uint8.shape[1:])
