@@ -310,3 +310,30 @@ def test_checkpoints_come_by_time_and_at_the_end(tmp_path: Path) -> None:
     assert (resumed.resumed_at_step, again.ckpt.saves) == (8, 0)
     wa, wb = _weights(quiet), _weights(again)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.usefixtures("accelerator_path")
+def test_the_compiled_parts_of_a_step_trace_to_single_graphs(tmp_path: Path) -> None:
+    """What engine.compile compiles beside the model (augmentation, loss) has no graph break
+    (dynamo's trace only, no inductor: a break would silently split a CUDA graph)."""
+    from refinery.stages.pretrain import nt_xent
+
+    gen = torch.Generator().manual_seed(0)
+    idx = torch.arange(8)
+    ssl = _trainer("ssl", tmp_path / "ssl", amp="off", arch="student").task
+    sup = _trainer("supervised", tmp_path / "sup", amp="off", arch="student").task
+    z = torch.randn(8, 16)
+    labels = sup.train.labels(idx)
+    labels[::3] = UNLABELED
+    calls = {
+        "ssl views": (ssl._make_views, (ssl.train.images(idx), ssl.policy.sample(8, gen))),
+        "nt_xent": (nt_xent, (z, z + 0.1, 0.2)),
+        "supervised batch": (sup._make_batch, (sup.train.images(idx), sup.train.labels(idx),
+                                               sup.policy.sample(8, gen))),
+        "cross-entropy": (sup._cross_entropy, (torch.randn(8, 10), sup.train.labels(idx))),
+        "kd_loss": (kd_loss, (torch.randn(8, 10), torch.randn(8, 10), labels, 4.0, 0.7)),
+    }
+    for name, (fn, args) in calls.items():
+        explained = torch._dynamo.explain(fn)(*args)
+        assert (explained.graph_count, explained.graph_break_count) == (1, 0), (
+            name, [str(b.reason)[:200] for b in explained.break_reasons])

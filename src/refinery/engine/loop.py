@@ -160,7 +160,7 @@ class Trainer:
         # where the batch indices must live: the device when the data is resident there
         self.index_device = torch.device(getattr(task, "index_device", rt.device))
         self._pending_loss: _LaggedScalar | None = None
-        self._saved_step, self._saved_at = 0, time.monotonic()
+        self._saved_at = time.monotonic()  # rank 0's clock for checkpoints by time
 
     # ------------------------------------------------------------------ helpers
     def _permutation(self, epoch: int) -> torch.Tensor:
@@ -188,15 +188,18 @@ class Trainer:
         """Save where the loop is (rank 0 writes; with ``wait`` every rank waits for it)."""
         if self.rt.is_main:
             self.ckpt.save(progress_.state(self))
-        self._saved_step, self._saved_at = progress_.global_step, time.monotonic()
+        self._saved_at = time.monotonic()
         if wait:
             self.rt.barrier()
 
     def _checkpoint_due(self, at: Progress) -> tuple[bool, bool]:
-        """(due by steps: every rank agrees; due by time: rank 0 alone decides)."""
+        """(due by steps: every rank agrees; due by time: rank 0 alone decides).
+
+        By steps depends on the step alone, never on when rank 0 last saved by time, so
+        every rank reaches the same barriers.
+        """
         spec = self.spec
-        by_steps = bool(spec.checkpoint_every) and (
-            at.global_step - self._saved_step >= spec.checkpoint_every)
+        by_steps = bool(spec.checkpoint_every) and at.global_step % spec.checkpoint_every == 0
         by_time = (spec.checkpoint_minutes > 0 and self.rt.is_main
                    and time.monotonic() - self._saved_at >= 60 * spec.checkpoint_minutes)
         return by_steps, by_time
@@ -236,14 +239,14 @@ class Trainer:
         warmup_seconds = self.warm_up()
         progress_ = self._resume()
         resumed_at = progress_.global_step
-        self._saved_step, self._saved_at = progress_.global_step, time.monotonic()
+        self._saved_at = time.monotonic()
         for epoch in range(progress_.epoch, self.plan.epochs):
             if epoch != progress_.epoch or progress_.step == 0:
                 progress_.start_epoch(epoch)
             self._train_epoch(progress_)
             self._end_epoch(progress_)
-        if progress_.global_step != self._saved_step:
-            self._checkpoint(progress_)  # the end: outputs are written from here
+        if progress_.global_step != resumed_at:
+            self._checkpoint(progress_)  # the end (outputs are written from it on)
         outcome = self._outcome(progress_, resumed_at, started)
         outcome.warmup_seconds = warmup_seconds
         return outcome
