@@ -74,15 +74,20 @@ def machine() -> str:
             f"{torch.__version__}, load {os.getloadavg()[0]:.2f}, {time.strftime('%Y-%m-%d')}")
 
 
-def write_result(name: str, figures: dict[str, Any]) -> Path:
-    """``docs/results/<name>.json``: the figures with the machine, date and commit."""
+def commit_id() -> str:
+    """HEAD's hash, ``+uncommitted`` when tracked files differ from it."""
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
                             text=True, check=False).stdout.strip()
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
                            capture_output=True, text=True, check=False).stdout.strip()
+    return commit + ("+uncommitted" if dirty else "")
+
+
+def write_result(name: str, figures: dict[str, Any], path: Path | None = None) -> Path:
+    """``docs/results/<name>.json`` (or ``path``): the figures with the machine, date, commit."""
     record = {"machine": machine(), "date": time.strftime("%Y-%m-%d"),
-              "commit": commit + ("+uncommitted" if dirty else ""), **figures}
-    path = REPO / "docs" / "results" / f"{name}.json"
+              "commit": commit_id(), **figures}
+    path = path or REPO / "docs" / "results" / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=2) + "\n")
     return path

@@ -55,6 +55,25 @@ def targets(root: Path) -> list[str]:
     return lines
 
 
+def run(root: Path, overrides: dict[str, object], *, first: str = "download",
+        last: str = "evaluate", fresh: bool = False) -> dict[str, float]:
+    """Run the stages ``first``..``last`` in a workspace ``root`` made from params.yaml plus
+    ``overrides``; wall seconds per stage, and ``total``."""
+    if fresh and root.exists():
+        shutil.rmtree(root)
+    make_workspace(root, overrides)
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{root.resolve() / 'mlflow.db'}"}
+    names = [stage.name for stage in STAGES]
+    selected = STAGES[names.index(first):names.index(last) + 1]
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    for stage in selected:
+        timings[stage.name] = run_stage(root, stage.cli, *stage.cli_args, env=env)
+        print(f"[{stage.name}] {timings[stage.name]:.1f} s", flush=True)
+    timings["total"] = time.perf_counter() - started
+    return timings
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=REPO / "benchmarks/.work/pipeline")
@@ -70,22 +89,12 @@ def main() -> None:
     from refinery.profiles import parse_assignments
 
     root = args.workdir / args.data
-    if args.fresh and root.exists():
-        shutil.rmtree(root)
     overrides = {}
     if args.data == "cifar":
         overrides = cifar_overrides(args.archive) if args.archive else cifar_overrides()
     overrides.update(parse_assignments(args.set))
-    make_workspace(root, overrides)
-    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{root.resolve() / 'mlflow.db'}"}
-    names = [stage.name for stage in STAGES]
-    selected = STAGES[names.index(args.first):names.index(args.last) + 1]
-    timings: dict[str, float] = {}
-    started = time.perf_counter()
-    for stage in selected:
-        timings[stage.name] = run_stage(root, stage.cli, *stage.cli_args, env=env)
-        print(f"[{stage.name}] {timings[stage.name]:.1f} s", flush=True)
-    total = time.perf_counter() - started
+    timings = run(root, overrides, first=args.first, last=args.last, fresh=args.fresh)
+    total = timings.pop("total")
 
     print(f"\nmachine: {machine()}")
     print(f"data: {args.data}; overrides: {yaml.safe_dump(parse_assignments(args.set)).strip()}")

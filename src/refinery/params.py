@@ -315,10 +315,17 @@ class EngineParams(Section):
     amp: Literal["auto", "bf16", "off"] = Field(
         "auto", description="auto: bf16 on CUDA and on CPUs with bf16 instructions")
     channels_last: Literal["auto", "on", "off"] = "auto"
-    compile: bool = False
+    compile: Literal["auto"] | bool = Field(
+        "auto", description="torch.compile the model, the augmentation and the loss; auto: on "
+        "CUDA (where it pays), eager on the CPU (compiling costs more than it saves there)")
     deterministic: bool = Field(False, description="bit-reproducible runs (CPU)")
     data_on_device: Literal["auto", "always", "never"] = "auto"
-    checkpoint_every_steps: int = Field(50, ge=0, description="0: only at epoch ends")
+    checkpoint_every_minutes: float = Field(
+        5.0, ge=0, le=24 * 60, description="a mid-training checkpoint once this much time has "
+        "passed since the last one (0: none by time); one is always written at the end")
+    checkpoint_every_steps: int = Field(
+        0, ge=0, description="also one every N optimizer steps (0: off; tests that kill a run "
+        "mid-way set it small)")
     log_every_steps: int = Field(10, ge=1)
 
 

@@ -46,6 +46,11 @@ class DeviceData:
             log.info("data (%.1f GiB) kept in pinned host memory", images.numel() / 2**30)
         return fits
 
+    @property
+    def index_device(self) -> torch.device:
+        """Where indices into this data should live: no copy when a batch is taken."""
+        return self.device if self.resident else torch.device("cpu")
+
     def __len__(self) -> int:
         return int(self._images.shape[0])
 

@@ -9,10 +9,18 @@ Batching is defined on the *global* batch: every rank draws the same
 permutation and the same augmentation parameters for the whole batch, then
 computes its own slice. That is what makes one process and N processes with
 the same global batch give the same result.
+
+What the device waits for: nothing, per step. The epoch's permutation goes to
+the device once per epoch (from pinned memory, asynchronously), a step's
+indices are slices of it, the logged loss is copied back asynchronously and
+read one logging interval later, and checkpoints come by elapsed time (plus
+one at the end), not every epoch. Compilation and cuDNN autotuning happen in
+untimed warm-up steps whose effects are undone before training starts.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
@@ -81,7 +89,11 @@ class TrainSpec:
     seed: int
     eval_every: int = 1
     log_every: int = 10
-    checkpoint_every: int = 0
+    checkpoint_every: int = 0  # steps; 0: off
+    checkpoint_minutes: float = 0.0  # elapsed time between mid-training checkpoints; 0: off
+    # Untimed warm-up steps (compile, cuDNN autotune) before training, their effects undone;
+    # None: WARMUP_STEPS on CUDA or when compiling, else 0 (eager CPU has nothing to warm up).
+    untimed_steps: int | None = None
     group_lr_scales: dict[str, float] = field(default_factory=dict)
 
 
@@ -89,12 +101,19 @@ class TrainSpec:
 class TrainOutcome:
     history: list[dict[str, float]]
     final: dict[str, float]
-    train_seconds: float
+    train_seconds: float  # optimizer steps only: warm-up, evaluation and checkpoints excluded
     total_seconds: float
     samples_per_second: float
     resumed_at_step: int
     steps: int
     tracking_seconds: float
+    warmup_seconds: float = 0.0  # the untimed warm-up steps (compilation, autotuning)
+
+
+#: Warm-up steps on CUDA or with compile: the first compiles the forward and backward
+#: graphs and autotunes cuDNN, the second catches a recompile (e.g. optimizer state now
+#: present) so that none lands in the timed epochs.
+WARMUP_STEPS = 2
 
 
 class Trainer:
@@ -136,11 +155,26 @@ class Trainer:
         self.generator = torch.Generator(device=rt.device)
         self.generator.manual_seed(spec.seed + 1)
         self.warmup_steps = round(plan.optim.warmup_epochs * self.steps_per_epoch)
+        self.untimed_steps = (spec.untimed_steps if spec.untimed_steps is not None else
+                              WARMUP_STEPS if rt.compile or rt.device.type == "cuda" else 0)
+        # where the batch indices must live: the device when the data is resident there
+        self.index_device = torch.device(getattr(task, "index_device", rt.device))
+        self._pending_loss: _LaggedScalar | None = None
+        self._saved_at = time.monotonic()  # rank 0's clock for checkpoints by time
 
     # ------------------------------------------------------------------ helpers
     def _permutation(self, epoch: int) -> torch.Tensor:
+        """The epoch's sample order, on the device that indexes the data.
+
+        Drawn on the CPU (the same order on every device, so a CPU and a GPU run see the
+        same batches), then copied once per epoch from pinned memory without blocking;
+        a step's indices are slices of it, with no copy and no host sync per step.
+        """
         g = torch.Generator().manual_seed(self.spec.seed * 1_000_003 + epoch)
-        return torch.randperm(self.task.num_samples(), generator=g)
+        perm = torch.randperm(self.task.num_samples(), generator=g)
+        if self.index_device.type == "cuda":
+            return perm.pin_memory().to(self.index_device, non_blocking=True)
+        return perm.to(self.index_device)
 
     def _log(self, metrics: Mapping[str, float], step: int) -> None:
         if not self.rt.is_main:
@@ -150,11 +184,25 @@ class Trainer:
         self.tracking_seconds += time.perf_counter() - start
 
     # -------------------------------------------------------------- checkpoints
-    def _checkpoint(self, progress_: Progress) -> None:
-        """Save where the loop is (rank 0 writes; every rank waits for it)."""
+    def _checkpoint(self, progress_: Progress, wait: bool = True) -> None:
+        """Save where the loop is (rank 0 writes; with ``wait`` every rank waits for it)."""
         if self.rt.is_main:
             self.ckpt.save(progress_.state(self))
-        self.rt.barrier()
+        self._saved_at = time.monotonic()
+        if wait:
+            self.rt.barrier()
+
+    def _checkpoint_due(self, at: Progress) -> tuple[bool, bool]:
+        """(due by steps: every rank agrees; due by time: rank 0 alone decides).
+
+        By steps depends on the step alone, never on when rank 0 last saved by time, so
+        every rank reaches the same barriers.
+        """
+        spec = self.spec
+        by_steps = bool(spec.checkpoint_every) and at.global_step % spec.checkpoint_every == 0
+        by_time = (spec.checkpoint_minutes > 0 and self.rt.is_main
+                   and time.monotonic() - self._saved_at >= 60 * spec.checkpoint_minutes)
+        return by_steps, by_time
 
     def _resume(self) -> Progress:
         """The loop's position: from this run's last checkpoint, or the start."""
@@ -188,14 +236,55 @@ class Trainer:
     def fit(self) -> TrainOutcome:
         """Train every remaining epoch (resuming a checkpoint of this run), then report."""
         started = time.perf_counter()
+        warmup_seconds = self.warm_up()
         progress_ = self._resume()
         resumed_at = progress_.global_step
+        self._saved_at = time.monotonic()
         for epoch in range(progress_.epoch, self.plan.epochs):
             if epoch != progress_.epoch or progress_.step == 0:
                 progress_.start_epoch(epoch)
             self._train_epoch(progress_)
             self._end_epoch(progress_)
-        return self._outcome(progress_, resumed_at, started)
+        if progress_.global_step != resumed_at:
+            self._checkpoint(progress_)  # the end (outputs are written from it on)
+        outcome = self._outcome(progress_, resumed_at, started)
+        outcome.warmup_seconds = warmup_seconds
+        return outcome
+
+    def warm_up(self) -> float:
+        """Run ``untimed_steps`` real steps (compile, autotune), then undo them; seconds taken.
+
+        The model's weights and buffers, the optimizer's state and every random generator
+        the step draws from are restored, so the run that follows is the one it would
+        have been without warm-up (on CUDA up to cuDNN's autotuned kernel choice, which
+        ``deterministic: false`` leaves free anyway).
+        """
+        if self.untimed_steps <= 0:
+            return 0.0
+        start = time.perf_counter()
+        weights = {k: v.detach().clone() for k, v in self.raw.state_dict().items()}
+        optimizer = copy.deepcopy(self.optimizer.state_dict())
+        generator, cpu_rng = self.generator.get_state(), torch.get_rng_state()
+        cuda_rng = (torch.cuda.get_rng_state(self.rt.device)
+                    if self.rt.device.type == "cuda" else None)
+        self.raw.train()
+        indices = torch.arange(self.plan.batch, device=self.index_device)
+        set_lr(self.optimizer, lr_factor(self.plan.optim.schedule, 0, self.total_steps,
+                                         self.warmup_steps))
+        for _ in range(self.untimed_steps):
+            self._optimizer_step(indices, {})
+        elapsed = self._elapsed(start)
+        self.raw.load_state_dict(weights)
+        self.optimizer.load_state_dict(optimizer)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.generator.set_state(generator)
+        torch.set_rng_state(cpu_rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state(cuda_rng, self.rt.device)
+        if self.rt.is_main:
+            log.info("%s: %d warm-up step(s) (compile, autotune) took %.1f s, not timed",
+                     self.spec.stage, self.untimed_steps, elapsed)
+        return elapsed
 
     def _train_epoch(self, at: Progress) -> None:
         """The optimizer steps of one epoch, from ``at.step``, with mid-epoch checkpoints."""
@@ -207,24 +296,38 @@ class Trainer:
                            disable=not rt.is_main or progress.disabled())
         tick = time.perf_counter()
         for step in range(at.step, self.steps_per_epoch):
-            factor = lr_factor(plan.optim.schedule, at.global_step, self.total_steps,
-                               self.warmup_steps)
-            at.lr = set_lr(self.optimizer, factor)
-            loss = self._optimizer_step(perm[step * plan.batch:(step + 1) * plan.batch], at.sums)
-            at.global_step += 1
-            at.seen += plan.batch
-            at.step = step + 1
-            bar.update(1)
+            loss = self._step(at, perm, step)
+            bar.update(1)  # host-side only
             if at.global_step % spec.log_every == 0:
-                self._log_step(loss, at)
-                bar.set_postfix(loss=f"{float(loss):.4f}", lr=f"{at.lr:.3g}")
-            if spec.checkpoint_every and at.global_step % spec.checkpoint_every == 0 \
-                    and step + 1 < self.steps_per_epoch:
-                at.add_time(self._elapsed(tick))
-                self._checkpoint(at)
-                tick = time.perf_counter()
+                shown = self._log_step(loss, at)
+                if shown is not None:
+                    bar.set_postfix(loss=f"{shown:.4f}", lr=f"{at.lr:.3g}")
+            if step + 1 < self.steps_per_epoch:  # the epoch's end has its own check
+                by_steps, by_time = self._checkpoint_due(at)
+                if by_steps or by_time:
+                    at.add_time(self._elapsed(tick))
+                    # by time only rank 0 knows it is due: no barrier (DDP ranks hold the
+                    # same state; rank 0's is the run's)
+                    self._checkpoint(at, wait=by_steps)
+                    tick = time.perf_counter()
         at.add_time(self._elapsed(tick))
+        self._flush_loss()
         bar.close()
+
+    def _step(self, at: Progress, perm: torch.Tensor, step: int) -> torch.Tensor:
+        """Step ``step`` of the epoch whose order is ``perm``: what the device sees per step.
+
+        Nothing here reads a device value on the host (tests/test_engine_ops.py checks).
+        """
+        plan = self.plan
+        factor = lr_factor(plan.optim.schedule, at.global_step, self.total_steps,
+                           self.warmup_steps)
+        at.lr = set_lr(self.optimizer, factor)
+        loss = self._optimizer_step(perm[step * plan.batch:(step + 1) * plan.batch], at.sums)
+        at.global_step += 1
+        at.seen += plan.batch
+        at.step = step + 1
+        return loss
 
     def _optimizer_step(self, batch_idx: torch.Tensor, sums: dict[str, torch.Tensor]
                         ) -> torch.Tensor:
@@ -247,12 +350,28 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 
-    def _log_step(self, loss: torch.Tensor, at: Progress) -> None:
-        loss_now = float(loss)
+    def _log_step(self, loss: torch.Tensor, at: Progress) -> float | None:
+        """Start copying this step's loss to the host; log the previous logged one.
+
+        Reading a loss back waits for the device to finish that step; read one logging
+        interval late, it is long done (on CUDA), so the host never stalls. A divergence
+        is therefore raised up to ``log_every`` steps late. Returns the loss logged now.
+        """
+        previous = self._flush_loss()
+        self._pending_loss = _LaggedScalar(loss, at.global_step, at.lr)
+        return previous
+
+    def _flush_loss(self) -> float | None:
+        """Log the pending loss, if any (waits for it); raise if it is not finite."""
+        pending, self._pending_loss = self._pending_loss, None
+        if pending is None:
+            return None
+        loss_now = pending.value()
         if not math.isfinite(loss_now):
-            raise TrainingDiverged(f"loss is {loss_now} at step {at.global_step}; lower "
+            raise TrainingDiverged(f"loss is {loss_now} at step {pending.step}; lower "
                                    f"{self.plan.stage}.optim.lr (now {self.plan.optim.lr:.4g})")
-        self._log({"step/loss": loss_now, "step/lr": at.lr}, at.global_step)
+        self._log({"step/loss": loss_now, "step/lr": pending.lr}, pending.step)
+        return loss_now
 
     def _end_epoch(self, at: Progress) -> None:
         """The epoch's record (train means, evaluation when due), logged; then a checkpoint."""
@@ -271,7 +390,10 @@ class Trainer:
             log.info("%s epoch %d: %s", spec.stage, at.epoch + 1,
                      ", ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "epoch"))
         at.epoch, at.step, at.sums = at.epoch + 1, 0, {}
-        self._checkpoint(at)
+        if at.epoch < self.plan.epochs:  # the last epoch's is fit()'s final checkpoint
+            by_steps, by_time = self._checkpoint_due(at)
+            if by_steps or by_time:
+                self._checkpoint(at, wait=by_steps)
 
     def _evaluate(self, epoch: int) -> dict[str, float]:
         self.raw.eval()
@@ -337,6 +459,26 @@ class Progress:
         if trainer.rt.device.type == "cuda":
             state["cuda_rng"] = torch.cuda.get_rng_state(trainer.rt.device)
         return state
+
+
+class _LaggedScalar:
+    """A 0-d device tensor on its way to the host: copied without blocking, read later."""
+
+    def __init__(self, tensor: torch.Tensor, step: int, lr: float) -> None:
+        self.step, self.lr = step, lr
+        self.event: torch.cuda.Event | None = None
+        if tensor.device.type == "cuda":
+            self.host = torch.empty((), dtype=tensor.dtype, pin_memory=True)
+            self.host.copy_(tensor.detach(), non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host = tensor.detach()
+
+    def value(self) -> float:
+        if self.event is not None:
+            self.event.synchronize()
+        return float(self.host)
 
 
 class _null:

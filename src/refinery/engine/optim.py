@@ -121,12 +121,17 @@ def build_optimizer(groups: list[dict], params: OptimParams) -> torch.optim.Opti
     for group in groups:
         group["lr"] = params.lr * group["lr_scale"]
         group["initial_lr"] = group["lr"]
+    # foreach: a handful of multi-tensor ops per step instead of several per tensor. It is
+    # torch's default on CUDA only; explicit here so the CPU runs (and the op-count test in
+    # tests/test_engine_ops.py) take CUDA's path. On the CPU it gives bit-identical weights
+    # to the per-tensor loop (checked for SGD with Nesterov and AdamW, ResNet-18, 3 steps).
     if params.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=params.lr, momentum=params.momentum,
                                nesterov=params.nesterov and params.momentum > 0,
-                               weight_decay=params.weight_decay)
+                               weight_decay=params.weight_decay, foreach=True)
     if params.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=params.lr, weight_decay=params.weight_decay)
+        return torch.optim.AdamW(groups, lr=params.lr, weight_decay=params.weight_decay,
+                                 foreach=True)
     return LARS(groups, lr=params.lr, momentum=params.momentum, weight_decay=params.weight_decay)
 
 

@@ -24,6 +24,7 @@ from torch import nn
 
 from refinery import models, paths, stage
 from refinery.augment import SupervisedPolicy
+from refinery.augment.supervised import SupervisedParams
 from refinery.engine import (
     Batch,
     Checkpointer,
@@ -80,21 +81,33 @@ class DistillTask:
         self.policy = policy
         self.temperature, self.alpha = temperature, alpha
         self.val = val
+        # With engine.compile the augmentation, the teacher and the loss compile too.
+        self._augment = rt.maybe_compile(self._make_batch)
+        self._teacher = rt.maybe_compile(self.teacher)
+        self._loss = rt.maybe_compile(kd_loss)
+
+    @property
+    def index_device(self) -> torch.device:
+        return self.train.index_device
 
     def num_samples(self) -> int:
         return len(self.train)
+
+    def _make_batch(self, images: torch.Tensor, params: SupervisedParams) -> torch.Tensor:
+        images = self.policy.apply(images, params)
+        if self.rt.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images
 
     def loss(self, model: nn.Module, batch: Batch, generator: torch.Generator
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         params = self.policy.sample(len(batch.indices), generator, self.rt.device)
         local = batch.local_indices
-        images = self.policy.apply(self.train.images(local), params[batch.local])
-        if self.rt.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
+        images = self._augment(self.train.images(local), params[batch.local])
         with torch.no_grad():
-            teacher_logits = self.teacher(images)
-        loss, metrics = kd_loss(model(images), teacher_logits, self.train.labels(local),
-                                self.temperature, self.alpha)
+            teacher_logits = self._teacher(images)
+        loss, metrics = self._loss(model(images), teacher_logits, self.train.labels(local),
+                                   self.temperature, self.alpha)
         return loss, metrics
 
     def evaluate(self, model: nn.Module, epoch: int) -> dict[str, float]:
@@ -135,7 +148,8 @@ def distill(p: DistillParams, *, model_p: ModelParams, engine_p: EngineParams, s
         schedule.report(log)
     spec = TrainSpec(stage="distill", schedule=schedule, seed=seed, eval_every=p.eval_every,
                      log_every=engine_p.log_every_steps,
-                     checkpoint_every=engine_p.checkpoint_every_steps)
+                     checkpoint_every=engine_p.checkpoint_every_steps,
+                     checkpoint_minutes=engine_p.checkpoint_every_minutes)
     ckpt = Checkpointer(files.checkpoint_dir, fingerprint(
         "distill", {"distill": p.model_dump(), "student": model_p.student.model_dump(),
                     "seed": seed, "world": rt.world_size},

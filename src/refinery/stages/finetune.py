@@ -22,6 +22,7 @@ from torch import nn
 
 from refinery import models, paths, stage
 from refinery.augment import SupervisedPolicy
+from refinery.augment.supervised import SupervisedParams
 from refinery.engine import (
     Batch,
     Checkpointer,
@@ -63,9 +64,29 @@ class ClassifierTask:
         self.num_classes = num_classes
         self.monitors = monitors
         self.frozen_backbone = frozen_backbone
+        # With engine.compile the augmentation and the loss compile beside the model.
+        self._augment = rt.maybe_compile(self._make_batch)
+        self._loss = rt.maybe_compile(self._cross_entropy)
+
+    @property
+    def index_device(self) -> torch.device:
+        return self.train.index_device
 
     def num_samples(self) -> int:
         return len(self.train)
+
+    def _make_batch(self, images: torch.Tensor, labels: torch.Tensor, params: SupervisedParams
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        images, targets = self.policy.mix(self.policy.apply(images, params), labels, params)
+        if self.rt.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images, targets
+
+    def _cross_entropy(self, logits: torch.Tensor, targets: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        loss = F.cross_entropy(logits.float(), targets, label_smoothing=self.label_smoothing)
+        hard = targets if targets.ndim == 1 else targets.argmax(dim=1)
+        return loss, (logits.argmax(dim=1) == hard).float().mean()
 
     def loss(self, model: nn.Module, batch: Batch, generator: torch.Generator
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -73,14 +94,10 @@ class ClassifierTask:
             models.unwrap(model).backbone.eval()  # a linear probe keeps BN statistics fixed
         params = self.policy.sample(len(batch.indices), generator, self.rt.device)[batch.local]
         local = batch.local_indices
-        images = self.policy.apply(self.train.images(local), params)
-        images, targets = self.policy.mix(images, self.train.labels(local), params)
-        if self.rt.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        logits = model(images)
-        loss = F.cross_entropy(logits.float(), targets, label_smoothing=self.label_smoothing)
-        hard = targets if targets.ndim == 1 else targets.argmax(dim=1)
-        return loss, {"acc": (logits.argmax(dim=1) == hard).float().mean()}
+        images, targets = self._augment(self.train.images(local), self.train.labels(local),
+                                        params)
+        loss, acc = self._loss(model(images), targets)
+        return loss, {"acc": acc}
 
     def evaluate(self, model: nn.Module, epoch: int) -> dict[str, float]:
         metrics: dict[str, float] = {}
@@ -182,7 +199,8 @@ def finetune(p: FinetuneParams, *, model_p: ModelParams, engine_p: EngineParams,
         schedule.report(log)
     spec = TrainSpec(stage=stage, schedule=schedule, seed=seed,
                      eval_every=p.eval_every, log_every=engine_p.log_every_steps,
-                     checkpoint_every=engine_p.checkpoint_every_steps, group_lr_scales=scales)
+                     checkpoint_every=engine_p.checkpoint_every_steps,
+                     checkpoint_minutes=engine_p.checkpoint_every_minutes, group_lr_scales=scales)
     inputs = [files.prepared_dir / "meta.json", files.prepared_dir / "train.pt",
               files.prepared_dir / "labeled.pt", files.policies]
     if init == "pretrained" and pretrained_dir is not None:
@@ -199,6 +217,7 @@ def finetune(p: FinetuneParams, *, model_p: ModelParams, engine_p: EngineParams,
         "labeled_images": len(labeled),
         "images_per_second": outcome.samples_per_second,
         "train_seconds": outcome.train_seconds,
+        "warmup_seconds": outcome.warmup_seconds,
         **schedule.metrics(),
         "resumed_at_step": outcome.resumed_at_step,
         "parameters": models.parameter_count(model),

@@ -18,6 +18,7 @@ from torch import nn
 
 from refinery import models, paths, stage
 from refinery.augment import SslPolicy
+from refinery.augment.selfsup import TwoViewParams
 from refinery.engine import (
     Batch,
     Checkpointer,
@@ -83,7 +84,11 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float, rt: Runtime 
     total = all1.shape[0]
     bank = torch.cat([all1, all2])
     anchors = torch.cat([z1, z2])
-    logits = anchors @ bank.T / temperature
+    # The similarity matmul in fp32 even under bf16 autocast: at temperature 0.2 the
+    # logits reach 5, where bf16's step is ~0.03 (a visible error in the loss and its
+    # gradient); the (2B x 2B) matmul is a small share of the step's work.
+    with torch.autocast(anchors.device.type, enabled=False):
+        logits = anchors.float() @ bank.float().T / temperature
     rows = torch.arange(local, device=z1.device)
     self_idx = torch.cat([offset + rows, total + offset + rows])
     positive = torch.cat([total + offset + rows, offset + rows])
@@ -105,19 +110,33 @@ class PretrainTask:
         self.temperature = temperature
         self.knn = (knn_bank, knn_bank_labels, knn_query, knn_query_labels)
         self.num_classes, self.knn_k = num_classes, knn_k
+        # With engine.compile the augmentation (one graph, no breaks) and the loss compile
+        # beside the model; the parameter draw stays eager (it reads the generator).
+        self._views = rt.maybe_compile(self._make_views)
+        self._loss = nt_xent if rt.distributed else rt.maybe_compile(nt_xent)
+
+    @property
+    def index_device(self) -> torch.device:
+        return self.train.index_device
 
     def num_samples(self) -> int:
         return len(self.train)
 
+    def _make_views(self, images: torch.Tensor, params: TwoViewParams) -> torch.Tensor:
+        views = torch.cat(self.policy.apply(images, params))
+        if self.rt.channels_last:
+            views = views.contiguous(memory_format=torch.channels_last)
+        return views
+
     def loss(self, model: nn.Module, batch: Batch, generator: torch.Generator
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         params = self.policy.sample(len(batch.indices), generator, self.rt.device)
-        views = torch.cat(self.policy.apply(self.train.images(batch.local_indices),
-                                            params[batch.local]))
-        if self.rt.channels_last:
-            views = views.contiguous(memory_format=torch.channels_last)
+        views = self._views(self.train.images(batch.local_indices), params[batch.local])
         z1, z2 = model(views).chunk(2)
-        loss, acc = nt_xent(z1, z2, self.temperature, self.rt)
+        if self.rt.distributed:
+            loss, acc = self._loss(z1, z2, self.temperature, self.rt)
+        else:
+            loss, acc = self._loss(z1, z2, self.temperature)
         return loss, {"contrastive_acc": acc}
 
     def evaluate(self, model: nn.Module, epoch: int) -> dict[str, float]:
@@ -172,7 +191,8 @@ def pretrain(p: PretrainParams, *, model_p: ModelParams, engine_p: EngineParams,
     )
     spec = TrainSpec(stage="pretrain", schedule=schedule, seed=seed, eval_every=p.knn_every,
                      log_every=engine_p.log_every_steps,
-                     checkpoint_every=engine_p.checkpoint_every_steps)
+                     checkpoint_every=engine_p.checkpoint_every_steps,
+                     checkpoint_minutes=engine_p.checkpoint_every_minutes)
     ckpt = Checkpointer(files.checkpoint_dir, fingerprint(
         "pretrain", {"pretrain": p.model_dump(), "model": model_p.model_dump(), "seed": seed,
                      "world": rt.world_size},
@@ -186,6 +206,7 @@ def pretrain(p: PretrainParams, *, model_p: ModelParams, engine_p: EngineParams,
         "contrastive_acc": final.get("train_contrastive_acc", float("nan")),
         "pairs_per_second": outcome.samples_per_second,
         "train_seconds": outcome.train_seconds,
+        "warmup_seconds": outcome.warmup_seconds,
         **schedule.metrics(),
         "resumed_at_step": outcome.resumed_at_step,
         "tracking_seconds": outcome.tracking_seconds,

@@ -101,7 +101,8 @@ def prune(p: PruneParams, *, engine_p: EngineParams, seed: int, student_dir: Pat
         schedule.report(log)
     spec = TrainSpec(stage="prune", schedule=schedule, seed=seed, eval_every=p.eval_every,
                      log_every=engine_p.log_every_steps,
-                     checkpoint_every=engine_p.checkpoint_every_steps)
+                     checkpoint_every=engine_p.checkpoint_every_steps,
+                     checkpoint_minutes=engine_p.checkpoint_every_minutes)
     ckpt = Checkpointer(files.checkpoint_dir, fingerprint(
         "prune", {"prune": p.model_dump(), "seed": seed, "world": rt.world_size},
         [files.prepared_dir / "meta.json", files.prepared_dir / "train.pt",
