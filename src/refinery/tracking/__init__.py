@@ -9,10 +9,12 @@ the stages of one execution find their parent through a pipeline id (the
 
 The server is checked once, when a stage starts: unreachable, the stage fails
 before any work (``tracking.on_unreachable: fail``, the default) or runs
-against the local spool, replayed later (``defer``; :mod:`.channel`). A server
-lost *during* a stage is ridden out by MLflow's own retries (about a minute);
-past them the stage fails with :class:`TrackingUnavailable` and DVC records
-nothing for it, so the next ``dvc repro`` runs it again.
+against the local spool (``defer``; :mod:`.channel`), replayed by the next
+stage that finds the server up, the Prefect flow at its end, or ``refinery
+sync-tracking``. A server lost *during* a stage is ridden out by MLflow's own
+retries (about a minute); past them the stage fails with
+:class:`TrackingUnavailable` and DVC records nothing for it, so the next ``dvc
+repro`` runs it again.
 
 Modules: :mod:`.context` (where records go, who launched the execution),
 :mod:`.channel` (server or spool, and the spool's replay), :mod:`.runs`

@@ -1,19 +1,13 @@
-"""The channel: one stage's records go to the tracking server, or all to the spool.
+"""Where one stage's records go: the tracking server, or the local spool.
 
-Which one is decided once, when the channel opens (:meth:`Channel.open`), from
-a health check: the server if it answers, else the spool (``defer``) or a
-:class:`TrackingUnavailable` before any work (``fail``). There is no switch
-mid-stage: a server lost then surfaces as MLflow's own error after its retries,
-and the stage fails (see README, "If the tracking server goes away").
-
-The spool (``mlflow/spool/``, git-ignored) is a local MLflow store (sqlite +
-files) rather than a private journal: every logging call behaves as it would
-against the server (artifacts are copied at log time) and it can be browsed
-with ``mlflow ui``. :meth:`Channel.replay` copies the spooled runs to the
+The choice is made once, when the channel opens (:meth:`Channel.open`), as the
+package's docstring says. The spool (``mlflow/spool/``, git-ignored) is a real
+MLflow store (sqlite + files) rather than a private journal: every logging call
+behaves as it would against the server (artifacts are copied at log time), and
+``mlflow ui`` can browse it. :meth:`Channel.replay` copies its runs to the
 server (params, tags, full metric histories, artifacts, final status) as new
 runs tagged ``refinery.spool_run=<spool id>``, under the server's parent of
-their pipeline id. The next stage that finds the server up replays, so do
-``refinery sync-tracking`` and the Prefect flow at its end.
+their pipeline id.
 """
 
 from __future__ import annotations
@@ -146,7 +140,7 @@ class Channel:
             log.warning("%s; %s runs anyway and spools its records in %s "
                         "(tracking.on_unreachable: defer)", reason, what, channel.spool_dir)
             channel.live = False
-        channel.point_mlflow()  # before replay too: served artifacts resolve through it
+        channel.point_mlflow()
         if channel.live and channel.pending.exists():
             try:
                 log.info("tracking spool: %s", channel.replay())
@@ -227,9 +221,9 @@ class Channel:
         """Copy every spooled run to the server (the channel is live), then drop it.
 
         Runs spooled by several stages (or processes) of one execution land under
-        the one server parent of their pipeline (:meth:`parent`; parents go first).
-        Runs of an execution whose writer process is still alive wait for a later
-        replay.
+        the one server parent of their pipeline (:meth:`parent`). Stage runs go
+        first, so that the parents' tags can name their server ids. Runs of an
+        execution whose writer process is still alive wait for a later replay.
         """
         from mlflow.tracking import MlflowClient
 
@@ -244,15 +238,12 @@ class Channel:
                                      order_by=["attributes.start_time ASC"])
             live = {r.data.tags.get(PIPELINE_TAG) for r in runs if r.info.status == "RUNNING"
                     and _other_writer_alive(r.data.tags.get(PROCESS_TAG, ""))}
-            parents: dict[str, str] = {}  # replayed parent run -> its experiment
-            for run in sorted(runs, key=lambda r: r.data.tags.get(ROLE_TAG) != "pipeline"):
+            for run in sorted(runs, key=lambda r: r.data.tags.get(ROLE_TAG) == "pipeline"):
                 spool_id, experiment = run.info.run_id, names[run.info.experiment_id]
                 if run.data.tags.get(PIPELINE_TAG) in live:
                     report.skipped_live.append(spool_id)
                     continue
-                target = report.replayed[spool_id] = self._copy(spool, run, experiment)
-                if run.data.tags.get(ROLE_TAG) == "pipeline":
-                    parents[target] = experiment
+                target = report.replayed[spool_id] = self._copy(spool, run, experiment, report)
                 with contextlib.suppress(Exception):  # (a registry is no reason to stop)
                     for version in spool.search_model_versions(f"run_id = '{spool_id}'"):
                         report.models_not_replayed.append(f"{version.name} v{version.version}")
@@ -261,19 +252,11 @@ class Channel:
                 if local.is_dir() and self.spool_dir in local.parents:
                     shutil.rmtree(local, ignore_errors=True)
                 log.info("replayed spooled run %s -> %s", spool_id, target)
-            for parent, experiment in parents.items():
-                # Parent tags written offline name stage runs as ``spool:<id>``; point them
-                # at the replayed server runs (replayed now, or by an earlier replay).
-                for key, value in self.client.get_run(parent).data.tags.items():
-                    spool_id = value.removeprefix("spool:")
-                    if spool_id != value and (found := report.replayed.get(spool_id)
-                                              or self._replayed_as(experiment, spool_id)):
-                        self.client.set_tag(parent, key, found)
             if not spool.search_runs(list(names), max_results=1):
                 self.pending.unlink(missing_ok=True)
         return report
 
-    def _copy(self, spool: Any, run: Any, experiment: str) -> str:
+    def _copy(self, spool: Any, run: Any, experiment: str, report: ReplayReport) -> str:
         """Copy one spooled run to the server: into its pipeline's parent (a parent run),
         or a new child of that parent, or the one an interrupted earlier replay made."""
         from mlflow.entities import Param, RunTag
@@ -282,6 +265,11 @@ class Channel:
         tags = {k: v for k, v in run.data.tags.items() if k not in _NOT_COPIED}
         pid = tags.get(PIPELINE_TAG, "")
         if tags.get(ROLE_TAG) == "pipeline":
+            for key, value in list(tags.items()):  # stage runs named offline: spool:<id>
+                ref = value.removeprefix("spool:")
+                if ref != value:  # replayed just now, or by an earlier replay
+                    tags[key] = (report.replayed.get(ref) or self._replayed_as(experiment, ref)
+                                 or value)
             target = self.parent(experiment, pid, tags, run.info.run_name)
         else:
             found = self._replayed_as(experiment, spool_id)

@@ -21,7 +21,6 @@ from urllib.parse import urlsplit, urlunsplit
 
 from refinery.errors import TrackingError
 
-DEFAULT_STORE_DIR = Path("mlflow")
 PIPELINE_ID_ENV = "REFINERY_PIPELINE_ID"
 FLOW_RUN_ID_ENV = "REFINERY_PREFECT_FLOW_RUN_ID"
 FLOW_RUN_NAME_ENV = "REFINERY_PREFECT_FLOW_RUN_NAME"
@@ -53,7 +52,7 @@ def store_root() -> Path:
 
 
 def tracking_uri(root: Path | None = None) -> str:
-    default = (root or store_root()).resolve() / DEFAULT_STORE_DIR / "mlflow.db"
+    default = (root or store_root()).resolve() / "mlflow" / "mlflow.db"
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{default}"
 
 

@@ -45,8 +45,7 @@ from refinery.tracking.context import (
 
 log = logging.getLogger(__name__)
 
-HEADLINE_METRICS = Path("metrics/evaluate.json")  # the evaluate stage's headline numbers
-HEADLINE_STAGE = "evaluate"
+HEADLINE_STAGE = "evaluate"  # its metrics go on the parent under their own names too
 DVC_EXPERIMENT_TAG = "refinery.dvc_experiment"  # on a parent run: its DVC experiment's name
 
 
@@ -59,13 +58,13 @@ def _metric_items(values: Mapping[str, Any], step: int = 0, **extra: Any) -> lis
             if isinstance(v, numbers.Real)]
 
 
-def _numbers(path: Path, prefix: str = "") -> dict[str, float]:
+def _numbers(path: Path) -> dict[str, float]:
     """Numeric leaves of a JSON metrics file, flattened (missing or bad file: none)."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
-    return {f"{prefix}{k}": float(v) for k, v in flatten(data).items()
+    return {k: float(v) for k, v in flatten(data).items()
             if isinstance(v, int | float) and not isinstance(v, bool)} \
         if isinstance(data, Mapping) else {}
 
@@ -319,9 +318,10 @@ class PipelineRecord:
 
 
 def _record(channel: Channel, context: RunContext, parent: str, stages: Sequence[str],
-            roles: Sequence[tuple[str, str]], workspace: Path) -> list[StageRecord]:
+            roles: Sequence[tuple[str, str]], workspace: Path,
+            tags: Mapping[str, str] | None = None) -> list[StageRecord]:
     """Tag the parent with ``stages`` (the run behind each one's outputs, executed by this
-    execution or reused), their metrics, and the data sets they read (``roles``).
+    execution or reused), their metrics, the data sets they read (``roles``), and ``tags``.
 
     A stage whose lineage names this execution's pipeline id was *executed*; any
     other lineage file was restored or kept by DVC: the stage was *reused*.
@@ -333,10 +333,11 @@ def _record(channel: Channel, context: RunContext, parent: str, stages: Sequence
         if record is not None:
             state = "executed" if record.pipeline_id == context.pipeline_id else "reused"
             records.append(StageRecord(stage, channel.resolve(record), state))
-            metrics.update(_numbers(workspace / paths.metrics_file(stage), prefix=f"{stage}."))
+            values = _numbers(workspace / paths.metrics_file(stage))
+            metrics.update({f"{stage}.{k}": v for k, v in values.items()})
             if stage == HEADLINE_STAGE:
-                metrics.update(_numbers(workspace / HEADLINE_METRICS))
-    tags = {"refinery.dvc_lock_md5": dvc_lock_md5(workspace) or ""}
+                metrics.update(values)
+    tags = {**(tags or {}), "refinery.dvc_lock_md5": dvc_lock_md5(workspace) or ""}
     for r in records:
         tags |= {f"refinery.stage.{r.stage}": r.run_id, f"refinery.stage.{r.stage}.state": r.state}
     channel.client.log_batch(parent, metrics=_metric_items(metrics),
@@ -372,9 +373,7 @@ def end_pipeline(context: RunContext, params: Mapping[str, Any], stages: Sequenc
     experiment = _configured(params, "experiment", "refinery")
     channel = Channel.open("defer", "recording the pipeline", root=workspace)
     parent = _parent(channel, experiment, context, params)
-    channel.client.log_batch(parent, tags=tag_items({k: v for k, v in (tags or {}).items()
-                                                     if v}))
-    records = _record(channel, context, parent, stages, roles, workspace)
+    records = _record(channel, context, parent, stages, roles, workspace, tags)
     channel.client.set_terminated(parent, status="FAILED" if failed else "FINISHED")
     return _pipeline_record(channel, experiment, context, parent, records)
 
@@ -437,5 +436,4 @@ def sync_spool(uri: str | None = None, root: Path | None = None) -> ReplayReport
         return ReplayReport()
     if reason := unreachable(channel.uri):
         raise TrackingUnavailable(reason)
-    channel.point_mlflow()  # served artifacts (mlflow-artifacts:/) resolve through it
     return channel.replay()
