@@ -178,10 +178,7 @@ class NullRun:
         self.models: dict[str, str] = {}
 
     def __getattr__(self, name: str) -> Any:
-        return lambda *args, **kwargs: None
-
-    def has_model(self, model_id: str) -> bool:
-        return False
+        return lambda *args, **kwargs: None  # (has_model too: None, falsy)
 
     @contextlib.contextmanager
     def active(self) -> Iterator[bool]:
