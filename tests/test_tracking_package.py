@@ -6,7 +6,7 @@ from refinery import codedeps
 
 PACKAGE = "refinery.tracking"
 MODULES = ["refinery.tracking", "refinery.tracking.context", "refinery.tracking.channel",
-           "refinery.tracking.spool", "refinery.tracking.runs"]
+           "refinery.tracking.runs"]
 
 
 def _reach(start: str) -> set[str]:

@@ -9,48 +9,43 @@ the stages of one execution find their parent through a pipeline id (the
 
 The server is checked once, when a stage starts: unreachable, the stage fails
 before any work (``tracking.on_unreachable: fail``, the default) or runs
-against the local spool, replayed later (``defer``; :mod:`.spool`). A server
-lost *during* a stage is ridden out by MLflow's own retries (about a minute);
-past them the stage fails with :class:`TrackingUnavailable` and DVC records
-nothing for it, so the next ``dvc repro`` runs it again.
+against the local spool (``defer``; :mod:`.channel`), replayed by the next
+stage that finds the server up, the Prefect flow at its end, or ``refinery
+sync-tracking``. A server lost *during* a stage is ridden out by MLflow's own
+retries (about a minute); past them the stage fails with
+:class:`TrackingUnavailable` and DVC records nothing for it, so the next ``dvc
+repro`` runs it again.
 
 Modules: :mod:`.context` (where records go, who launched the execution),
-:mod:`.channel` (server or spool), :mod:`.spool` (the spool and its replay),
-:mod:`.runs` (stage, pipeline and seeds runs).
+:mod:`.channel` (server or spool, and the spool's replay), :mod:`.runs`
+(stage, pipeline and seeds runs).
 """
 
-from refinery.tracking.channel import DEFERRED_TAG, ROLE_TAG, STAGE_TAG, Channel, flatten
+from refinery.tracking.channel import Channel, flatten
 from refinery.tracking.context import (
     FLOW_RUN_ID_ENV,
     PIPELINE_ID_ENV,
-    PIPELINE_TAG,
     RunContext,
     TrackingUnavailable,
     git_commit,
     run_url,
-    tracking_uri,
-    ui_base,
 )
 from refinery.tracking.runs import (
     DVC_EXPERIMENT_TAG,
     NullRun,
     PipelineRecord,
     SeedsRecord,
-    StageRecord,
     StageRun,
     begin_pipeline,
-    dataset_entity,
     end_pipeline,
     record_seeds,
     stage_run,
     sync_spool,
 )
-from refinery.tracking.spool import ReplayReport
 
 __all__ = [
-    "DEFERRED_TAG", "DVC_EXPERIMENT_TAG", "FLOW_RUN_ID_ENV", "PIPELINE_ID_ENV", "PIPELINE_TAG",
-    "ROLE_TAG", "STAGE_TAG", "Channel", "NullRun", "PipelineRecord", "ReplayReport",
-    "RunContext", "SeedsRecord", "StageRecord", "StageRun", "TrackingUnavailable",
-    "begin_pipeline", "dataset_entity", "end_pipeline", "flatten", "git_commit",
-    "record_seeds", "run_url", "stage_run", "sync_spool", "tracking_uri", "ui_base",
+    "DVC_EXPERIMENT_TAG", "FLOW_RUN_ID_ENV", "PIPELINE_ID_ENV", "Channel", "NullRun",
+    "PipelineRecord", "RunContext", "SeedsRecord", "StageRun", "TrackingUnavailable",
+    "begin_pipeline", "end_pipeline", "flatten", "git_commit", "record_seeds", "run_url",
+    "stage_run", "sync_spool",
 ]

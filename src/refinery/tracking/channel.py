@@ -1,39 +1,51 @@
-"""The channel: one stage's records go to the tracking server, or all to the spool.
+"""Where one stage's records go: the tracking server, or the local spool.
 
-Which one is decided once, when the channel opens (:meth:`Channel.open`), from
-a health check: the server if it answers, else the spool (``defer``) or a
-:class:`TrackingUnavailable` before any work (``fail``). There is no switch
-mid-stage: a server lost then surfaces as MLflow's own error after its retries,
-and the stage fails (see README, "If the tracking server goes away").
+The choice is made once, when the channel opens (:meth:`Channel.open`), as the
+package's docstring says. The spool (``mlflow/spool/``, git-ignored) is a real
+MLflow store (sqlite + files) rather than a private journal: every logging call
+behaves as it would against the server (artifacts are copied at log time), and
+``mlflow ui`` can browse it. :meth:`Channel.replay` copies its runs to the
+server (params, tags, full metric histories, artifacts, final status) as new
+runs tagged ``refinery.spool_run=<spool id>``, under the server's parent of
+their pipeline id.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
+import shutil
+import socket
+import tempfile
 from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
 from refinery import lineage
 from refinery.tracking.context import (
+    DEFERRED_TAG,
     EXPERIMENT_KIND,
     PIPELINE_TAG,
+    ROLE_TAG,
     TrackingUnavailable,
     artifact_location,
-    check_reachable,
     store_root,
     tracking_uri,
+    unreachable,
 )
-from refinery.tracking.spool import SPOOL_RUN_TAG, ReplayReport, Spool
 
 log = logging.getLogger(__name__)
 
-ROLE_TAG = "refinery.role"
-STAGE_TAG = "refinery.stage"
-DEFERRED_TAG = "refinery.deferred"
 OnUnreachable = Literal["fail", "defer"]
+SPOOL_ENV = "REFINERY_TRACKING_SPOOL"
+SPOOL_RUN_TAG = "refinery.spool_run"  # on a replayed server run: its id in the spool
+PROCESS_TAG = "refinery.process"  # host:pid:start of the process that wrote a spool run
+_NOT_COPIED = {"mlflow.parentRunId", PROCESS_TAG}
 
 
 def flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -48,6 +60,7 @@ def flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def param_items(params: Mapping[str, Any]) -> list[Any]:
+    """Flattened params for ``log_batch``; lists as JSON, so they read as in params.yaml."""
     from mlflow.entities import Param
 
     return [Param(k, json.dumps(v) if isinstance(v, list | tuple | dict) else str(v))
@@ -60,15 +73,56 @@ def tag_items(tags: Mapping[str, Any]) -> list[Any]:
     return [RunTag(k, str(v)) for k, v in tags.items()]
 
 
+def process_id(pid: int | None = None) -> str | None:
+    """``host:pid:start`` of a live process (default: this one), or None: names a
+    writer even if its pid is reused later."""
+    import psutil
+
+    try:
+        proc = psutil.Process(pid)
+        return f"{socket.gethostname()}:{proc.pid}:{int(proc.create_time())}"
+    except psutil.Error:
+        return None
+
+
+def _other_writer_alive(process: str) -> bool:
+    """Is another live process of this host still writing the run? (Ours is not
+    "another": a replay runs between our own writes, never during one.)"""
+    pid = process.split(":")[1] if process.count(":") == 2 else ""
+    return pid.isdigit() and process != process_id() and process_id(int(pid)) == process
+
+
+@dataclass
+class ReplayReport:
+    """What a replay sent: spool run id -> server run id, and what it had to skip."""
+
+    replayed: dict[str, str] = field(default_factory=dict)
+    skipped_live: list[str] = field(default_factory=list)
+    models_not_replayed: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        parts = [f"{len(self.replayed)} run(s) replayed"]
+        if self.skipped_live:
+            parts.append(f"{len(self.skipped_live)} still being written (left for later)")
+        if self.models_not_replayed:
+            parts.append("model versions left in the spool store: "
+                         + ", ".join(self.models_not_replayed))
+        return "; ".join(parts)
+
+
 class Channel:
-    """An ``MlflowClient`` on the server, or on the spool when ``live`` is False."""
+    """Records go through :attr:`client`: an ``MlflowClient`` on the server, or on the
+    spool when ``live`` is False. The ``PENDING`` file beside the spool says there is
+    something to replay, without opening its database."""
 
     def __init__(self, uri: str | None = None, root: Path | None = None) -> None:
         root = root or store_root()
         self.uri = uri or tracking_uri(root)
-        self.spool = Spool(root)
+        configured = os.environ.get(SPOOL_ENV)
+        self.spool_dir = Path(configured).resolve() if configured else root / "mlflow" / "spool"
+        self.spool_uri = f"sqlite:///{self.spool_dir / 'spool.db'}"
+        self.pending = self.spool_dir / "PENDING"
         self.live = True
-        self._clients: dict[str, Any] = {}
         self._experiments: dict[str, str] = {}
 
     @classmethod
@@ -76,27 +130,28 @@ class Channel:
              root: Path | None = None) -> Channel:
         """Check the server first: fail fast (``fail``) or go to the spool (``defer``)."""
         channel = cls(uri, root)
-        try:
-            check_reachable(channel.uri)
-        except TrackingUnavailable as exc:
-            if mode == "fail":
-                raise TrackingUnavailable(
-                    f"{exc}; {what} did not start. Start the server, point MLFLOW_TRACKING_URI "
-                    "at a live one, or set tracking.on_unreachable: defer in params.yaml to run "
-                    "now and send the records later (refinery sync-tracking)."
-                ) from None
+        reason = unreachable(channel.uri)
+        if reason and mode == "fail":
+            raise TrackingUnavailable(
+                f"{reason}; {what} did not start. Start the server, point MLFLOW_TRACKING_URI "
+                "at a live one, or set tracking.on_unreachable: defer in params.yaml to run "
+                "now and send the records later (refinery sync-tracking).")
+        if reason:
             log.warning("%s; %s runs anyway and spools its records in %s "
-                        "(tracking.on_unreachable: defer)", exc, what, channel.spool.dir)
+                        "(tracking.on_unreachable: defer)", reason, what, channel.spool_dir)
             channel.live = False
-        channel.point_mlflow()  # before replay too: served artifacts resolve through it
-        if channel.live:
-            channel.replay_pending(strict=False)
+        channel.point_mlflow()
+        if channel.live and channel.pending.exists():
+            try:
+                log.info("tracking spool: %s", channel.replay())
+            except Exception as exc:
+                log.warning("could not replay the tracking spool yet: %s", exc)
         return channel
 
     @property
     def target(self) -> str:
         """Where this channel's records go: the server's URI, or the spool's."""
-        return self.uri if self.live else self.spool.uri
+        return self.uri if self.live else self.spool_uri
 
     def point_mlflow(self) -> None:
         """Point MLflow's global URIs at :attr:`target`, so stage code that calls MLflow
@@ -114,40 +169,26 @@ class Channel:
             else:
                 os.environ[key] = value
 
-    def _client(self, uri: str) -> Any:
-        if uri not in self._clients:
-            from mlflow.tracking import MlflowClient
-
-            if uri.startswith("sqlite:///"):
-                Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-            self._clients[uri] = (self.spool.client if uri == self.spool.uri
-                                  else MlflowClient(tracking_uri=uri))
-        return self._clients[uri]
-
-    @property
+    @cached_property
     def client(self) -> Any:
-        """The client records go through (server or spool)."""
-        return self._client(self.target)
+        from mlflow.tracking import MlflowClient
 
-    @property
-    def remote(self) -> Any:
-        """The server's client, whether or not this channel logs to it."""
-        return self._client(self.uri)
-
-    @property
-    def deferred(self) -> bool:
-        return not self.live
+        if self.target.startswith("sqlite:///"):
+            Path(self.target.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        if not self.live:
+            self.pending.touch()
+        return MlflowClient(tracking_uri=self.target)
 
     def experiment(self, name: str) -> str:
         """The experiment's id in :attr:`target`, created if new."""
         if name not in self._experiments:
-            self._experiments[name] = (experiment_id(self.remote, name, self.uri) if self.live
-                                       else self.spool.experiment_id(name))
+            self._experiments[name] = _experiment_id(self.client, name,
+                                                     artifact_location(self.target))
         return self._experiments[name]
 
     def create_run(self, experiment: str, tags: Mapping[str, str], run_name: str) -> str:
-        if not self.live:
-            return self.spool.create_run(experiment, {**tags, DEFERRED_TAG: "true"}, run_name)
+        if not self.live:  # the writer's id: a replay leaves the runs of live writers alone
+            tags = {**tags, DEFERRED_TAG: "true", PROCESS_TAG: process_id() or ""}
         return self.client.create_run(self.experiment(experiment), tags=dict(tags),
                                       run_name=run_name).info.run_id
 
@@ -166,44 +207,104 @@ class Channel:
 
     def resolve(self, record: lineage.Lineage) -> str:
         """The server run id behind a lineage record (looked up if it was deferred)."""
-        if record.run_id:
-            return record.run_id
-        if record.spool_run_id and self.live:
-            found = self.client.search_runs(
-                [self.experiment(record.experiment)],
-                f"tags.`{SPOOL_RUN_TAG}` = '{record.spool_run_id}'", max_results=1)
-            if found:
-                return found[0].info.run_id
-        return f"spool:{record.spool_run_id}"
+        found = record.run_id or (self.live and record.spool_run_id and self._replayed_as(
+            record.experiment, record.spool_run_id))
+        return found or f"spool:{record.spool_run_id}"
 
-    def replay_pending(self, strict: bool) -> ReplayReport:
-        """Send spooled runs to the server. ``strict``: let errors out (``sync-tracking``)."""
-        if not self.spool.pending():
-            return ReplayReport()
-        try:
-            report = self.spool.replay(self.remote, self.experiment, self.parent)
-        except Exception as exc:
-            if strict:
-                raise
-            log.warning("could not replay the tracking spool yet: %s", exc)
-            return ReplayReport()
-        log.info("tracking spool: %s", report)
+    def _replayed_as(self, experiment: str, spool_id: str) -> str | None:
+        """The server run that spool run ``spool_id`` was replayed to, if it was."""
+        found = self.client.search_runs([self.experiment(experiment)],
+                                        f"tags.`{SPOOL_RUN_TAG}` = '{spool_id}'", max_results=1)
+        return found[0].info.run_id if found else None
+
+    def replay(self) -> ReplayReport:
+        """Copy every spooled run to the server (the channel is live), then drop it.
+
+        Runs spooled by several stages (or processes) of one execution land under
+        the one server parent of their pipeline (:meth:`parent`). Stage runs go
+        first, so that the parents' tags can name their server ids. Runs of an
+        execution whose writer process is still alive wait for a later replay.
+        """
+        from mlflow.tracking import MlflowClient
+
+        report = ReplayReport()
+        if not self.pending.exists():
+            return report
+        spool = MlflowClient(tracking_uri=self.spool_uri, registry_uri=self.spool_uri)
+        with open(self.spool_dir / ".replay.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # one replay at a time; closing releases it
+            names = {e.experiment_id: e.name for e in spool.search_experiments()}
+            runs = spool.search_runs(list(names), max_results=50_000,
+                                     order_by=["attributes.start_time ASC"])
+            live = {r.data.tags.get(PIPELINE_TAG) for r in runs if r.info.status == "RUNNING"
+                    and _other_writer_alive(r.data.tags.get(PROCESS_TAG, ""))}
+            for run in sorted(runs, key=lambda r: r.data.tags.get(ROLE_TAG) == "pipeline"):
+                spool_id, experiment = run.info.run_id, names[run.info.experiment_id]
+                if run.data.tags.get(PIPELINE_TAG) in live:
+                    report.skipped_live.append(spool_id)
+                    continue
+                target = report.replayed[spool_id] = self._copy(spool, run, experiment, report)
+                with contextlib.suppress(Exception):  # (a registry is no reason to stop)
+                    for version in spool.search_model_versions(f"run_id = '{spool_id}'"):
+                        report.models_not_replayed.append(f"{version.name} v{version.version}")
+                spool.delete_run(spool_id)
+                local = Path(run.info.artifact_uri.removeprefix("file://")).parent
+                if local.is_dir() and self.spool_dir in local.parents:
+                    shutil.rmtree(local, ignore_errors=True)
+                log.info("replayed spooled run %s -> %s", spool_id, target)
+            if not spool.search_runs(list(names), max_results=1):
+                self.pending.unlink(missing_ok=True)
         return report
 
+    def _copy(self, spool: Any, run: Any, experiment: str, report: ReplayReport) -> str:
+        """Copy one spooled run to the server: into its pipeline's parent (a parent run),
+        or a new child of that parent, or the one an interrupted earlier replay made."""
+        from mlflow.entities import Param, RunTag
 
-def experiment_id(client: Any, name: str, uri: str | None = None) -> str:
+        spool_id, remote = run.info.run_id, self.client
+        tags = {k: v for k, v in run.data.tags.items() if k not in _NOT_COPIED}
+        pid = tags.get(PIPELINE_TAG, "")
+        if tags.get(ROLE_TAG) == "pipeline":
+            for key, value in list(tags.items()):  # stage runs named offline: spool:<id>
+                ref = value.removeprefix("spool:")
+                if ref != value:  # replayed just now, or by an earlier replay
+                    tags[key] = (report.replayed.get(ref) or self._replayed_as(experiment, ref)
+                                 or value)
+            target = self.parent(experiment, pid, tags, run.info.run_name)
+        else:
+            found = self._replayed_as(experiment, spool_id)
+            tags[SPOOL_RUN_TAG] = spool_id
+            if pid:
+                tags["mlflow.parentRunId"] = self.parent(experiment, pid, {}, f"pipeline {pid}")
+            target = found or remote.create_run(
+                self.experiment(experiment), start_time=run.info.start_time, tags=tags,
+                run_name=run.info.run_name).info.run_id
+        existing = remote.get_run(target).data.params  # a found parent has its params already
+        # One batch per kind; MLflow's client splits them to the server's limits.
+        remote.log_batch(target, metrics=[m for key in run.data.metrics
+                                          for m in spool.get_metric_history(spool_id, key)],
+                         params=[Param(k, v) for k, v in run.data.params.items()
+                                 if k not in existing],
+                         tags=[RunTag(k, v) for k, v in tags.items()])
+        if spool.list_artifacts(spool_id):
+            with tempfile.TemporaryDirectory(prefix="refinery-replay-") as tmp:
+                remote.log_artifacts(target, spool.download_artifacts(spool_id, "", tmp))
+        if run.info.status in ("FINISHED", "FAILED", "KILLED"):  # a killed writer's: RUNNING
+            remote.set_terminated(target, status=run.info.status, end_time=run.info.end_time)
+        return target
+
+
+def _experiment_id(client: Any, name: str, location: str | None) -> str:
     """The experiment's id, created (tagged as model training, not GenAI) if new."""
     experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        for key, value in EXPERIMENT_KIND.items():  # an experiment made before the tag
-            if experiment.tags.get(key) != value:
-                client.set_experiment_tag(experiment.experiment_id, key, value)
-        return experiment.experiment_id
-    try:
-        return client.create_experiment(name, artifact_location=artifact_location(
-            uri or tracking_uri()), tags=EXPERIMENT_KIND)
-    except Exception:  # created concurrently by another stage
-        experiment = client.get_experiment_by_name(name)
-        if experiment is None:
-            raise
-        return experiment.experiment_id
+    if experiment is None:
+        try:
+            return client.create_experiment(name, artifact_location=location,
+                                            tags=EXPERIMENT_KIND)
+        except Exception:  # created concurrently by another stage
+            if (experiment := client.get_experiment_by_name(name)) is None:
+                raise
+    for key, value in EXPERIMENT_KIND.items():  # an experiment made before the tag
+        if experiment.tags.get(key) != value:
+            client.set_experiment_tag(experiment.experiment_id, key, value)
+    return experiment.experiment_id

@@ -9,6 +9,7 @@ Prefect flow in the stage processes' environment).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import subprocess
@@ -20,12 +21,14 @@ from urllib.parse import urlsplit, urlunsplit
 
 from refinery.errors import TrackingError
 
-DEFAULT_STORE_DIR = Path("mlflow")
 PIPELINE_ID_ENV = "REFINERY_PIPELINE_ID"
 FLOW_RUN_ID_ENV = "REFINERY_PREFECT_FLOW_RUN_ID"
 FLOW_RUN_NAME_ENV = "REFINERY_PREFECT_FLOW_RUN_NAME"
 FLOW_RUN_URL_ENV = "REFINERY_PREFECT_FLOW_RUN_URL"
 PIPELINE_TAG = "refinery.pipeline_id"
+ROLE_TAG = "refinery.role"  # pipeline | stage | seeds
+STAGE_TAG = "refinery.stage"
+DEFERRED_TAG = "refinery.deferred"  # on a run logged to the spool
 
 # Keep MLflow quiet and offline by default. A stage start checks /health itself (fail
 # fast); mid-stage, MLflow's own retries (2+4+8+16+32 s) ride out a server restart,
@@ -49,7 +52,7 @@ def store_root() -> Path:
 
 
 def tracking_uri(root: Path | None = None) -> str:
-    default = (root or store_root()).resolve() / DEFAULT_STORE_DIR / "mlflow.db"
+    default = (root or store_root()).resolve() / "mlflow" / "mlflow.db"
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{default}"
 
 
@@ -96,31 +99,19 @@ def dvc_lock_md5(workspace: Path | None = None) -> str | None:
         return None
 
 
-def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
-    """Raise :class:`TrackingUnavailable` when an HTTP server does not answer ``/health``."""
-    if ui_base(uri) is None:
-        return
+def unreachable(uri: str, timeout_s: float = 5.0) -> str | None:
+    """Why an HTTP tracking server does not answer ``/health``; None if it does (or if
+    ``uri`` is a local store). One request: MLflow's own client would retry for minutes."""
+    base = ui_base(uri)
+    if base is None:
+        return None
     import requests
 
-    url = uri.rstrip("/") + "/health"
     try:
-        response = requests.get(url, timeout=timeout_s)
+        status = requests.get(uri.rstrip("/") + "/health", timeout=timeout_s).status_code
     except requests.RequestException as exc:
-        raise TrackingUnavailable(
-            f"MLflow tracking server {ui_base(uri)} is unreachable ({exc.__class__.__name__})"
-        ) from None
-    if response.status_code >= 500:
-        raise TrackingUnavailable(
-            f"MLflow tracking server {ui_base(uri)} answered HTTP {response.status_code}"
-        )
-
-
-def is_reachable(uri: str, timeout_s: float = 3.0) -> bool:
-    try:
-        check_reachable(uri, timeout_s)
-    except TrackingUnavailable:
-        return False
-    return True
+        return f"MLflow tracking server {base} is unreachable ({exc.__class__.__name__})"
+    return f"MLflow tracking server {base} answered HTTP {status}" if status >= 500 else None
 
 
 def _dvc_launcher_id() -> str | None:
@@ -133,13 +124,10 @@ def _dvc_launcher_id() -> str | None:
         import psutil
 
         for proc in psutil.Process().parents():
-            try:
-                cmd = proc.cmdline()
-            except (psutil.AccessDenied, psutil.ZombieProcess):
-                continue
-            words = [Path(part).name for part in cmd[:3]]
-            if "dvc" in words or any(w.startswith("dvc") for w in words[:2]):
-                return f"dvc-{proc.pid}-{int(proc.create_time())}"
+            with contextlib.suppress(psutil.AccessDenied, psutil.ZombieProcess):
+                words = [Path(part).name for part in proc.cmdline()[:3]]
+                if "dvc" in words or any(w.startswith("dvc") for w in words[:2]):
+                    return f"dvc-{proc.pid}-{int(proc.create_time())}"
     except Exception:  # psutil missing or /proc unreadable: no launcher id
         return None
     return None
@@ -165,14 +153,8 @@ class RunContext:
         launcher_id = None if explicit else _dvc_launcher_id()
         experiment = env.get("DVC_EXP_NAME") or None
         flow_run = env.get(FLOW_RUN_ID_ENV) or None
-        if flow_run:
-            launcher = "prefect"
-        elif experiment:
-            launcher = "dvc-exp"
-        elif launcher_id:
-            launcher = "dvc"
-        else:
-            launcher = "env" if explicit else "cli"
+        launcher = ("prefect" if flow_run else "dvc-exp" if experiment else
+                    "dvc" if launcher_id else "env" if explicit else "cli")
         return cls(
             pipeline_id=explicit or launcher_id or f"single-{uuid.uuid4().hex[:12]}",
             launcher=launcher,

@@ -24,30 +24,28 @@ from typing import Any
 
 from refinery import lineage, paths
 from refinery.tracking.channel import (
-    ROLE_TAG,
-    STAGE_TAG,
     Channel,
     OnUnreachable,
+    ReplayReport,
     flatten,
     param_items,
     tag_items,
 )
 from refinery.tracking.context import (
+    ROLE_TAG,
+    STAGE_TAG,
     RunContext,
     TrackingUnavailable,
-    check_reachable,
     dvc_lock_md5,
     git_commit,
-    is_reachable,
     run_url,
     ui_base,
+    unreachable,
 )
-from refinery.tracking.spool import ReplayReport
 
 log = logging.getLogger(__name__)
 
-HEADLINE_METRICS = Path("metrics/evaluate.json")  # the evaluate stage's headline numbers
-HEADLINE_STAGE = "evaluate"
+HEADLINE_STAGE = "evaluate"  # its metrics go on the parent under their own names too
 DVC_EXPERIMENT_TAG = "refinery.dvc_experiment"  # on a parent run: its DVC experiment's name
 
 
@@ -60,13 +58,13 @@ def _metric_items(values: Mapping[str, Any], step: int = 0, **extra: Any) -> lis
             if isinstance(v, numbers.Real)]
 
 
-def _numbers(path: Path, prefix: str = "") -> dict[str, float]:
+def _numbers(path: Path) -> dict[str, float]:
     """Numeric leaves of a JSON metrics file, flattened (missing or bad file: none)."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
-    return {f"{prefix}{k}": float(v) for k, v in flatten(data).items()
+    return {k: float(v) for k, v in flatten(data).items()
             if isinstance(v, int | float) and not isinstance(v, bool)} \
         if isinstance(data, Mapping) else {}
 
@@ -109,17 +107,11 @@ class StageRun:
 
     channel: Channel
     run_id: str
-    parent_run_id: str
-    _metrics: list[Any] = field(default_factory=list)
-    _last_flush: float = field(default_factory=time.monotonic)
     flush_every_s: float = 15.0
     #: logged models made by this run (row name -> model id), for its lineage file
     models: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def deferred(self) -> bool:
-        """True when this run's records go to the spool."""
-        return self.channel.deferred
+    _metrics: list[Any] = field(default_factory=list)
+    _last_flush: float = field(default_factory=time.monotonic)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         self._metrics.extend(_metric_items(metrics, int(step or 0)))
@@ -143,12 +135,6 @@ class StageRun:
     def log_artifacts(self, directory: str | Path, artifact_path: str | None = None) -> None:
         self.channel.client.log_artifacts(self.run_id, str(directory), artifact_path)
 
-    def log_dict(self, obj: Any, artifact_file: str) -> None:
-        self.channel.client.log_dict(self.run_id, obj, artifact_file)
-
-    def log_figure(self, figure: Any, artifact_file: str) -> None:
-        self.channel.client.log_figure(self.run_id, figure, artifact_file)
-
     def log_datasets(self, described: Mapping[str, Mapping[str, Any]],
                      roles: Sequence[tuple[str, str]]) -> None:
         """The data sets this run read (``described``: :func:`refinery.formats.prepared.
@@ -165,13 +151,10 @@ class StageRun:
     def has_model(self, model_id: str) -> bool:
         """Whether the server knows the logged model (a lineage file restored by DVC may
         name one of another server, or of a reset one)."""
-        if not self.channel.live:
-            return False
         try:
-            self.channel.client.get_logged_model(model_id)
+            return self.channel.live and bool(self.channel.client.get_logged_model(model_id))
         except Exception:
             return False
-        return True
 
     @contextlib.contextmanager
     def active(self) -> Iterator[bool]:
@@ -190,17 +173,12 @@ class NullRun:
     every logging method does nothing."""
 
     run_id = ""
-    parent_run_id = None
-    deferred = False
 
     def __init__(self) -> None:
         self.models: dict[str, str] = {}
 
     def __getattr__(self, name: str) -> Any:
-        return lambda *args, **kwargs: None
-
-    def has_model(self, model_id: str) -> bool:
-        return False
+        return lambda *args, **kwargs: None  # (has_model too: None, falsy)
 
     @contextlib.contextmanager
     def active(self) -> Iterator[bool]:
@@ -220,8 +198,7 @@ def _configured(params: Mapping[str, Any] | None, key: str, default: Any) -> Any
 @contextlib.contextmanager
 def stage_run(stage: str, params: Mapping[str, Any], *, experiment: str = "refinery",
               full_params: Mapping[str, Any] | None = None, recorded: Sequence[str] = (),
-              roles: Sequence[tuple[str, str]] = (), tags: Mapping[str, Any] | None = None,
-              on_unreachable: OnUnreachable | None = None,
+              roles: Sequence[tuple[str, str]] = (), on_unreachable: OnUnreachable | None = None,
               system_metrics: bool = False) -> Iterator[StageRun]:
     """Open the MLflow child run of one stage execution and close it with its outcome.
 
@@ -236,54 +213,48 @@ def stage_run(stage: str, params: Mapping[str, Any], *, experiment: str = "refin
     workspace = Path.cwd()
     mode = on_unreachable or _configured(full_params, "on_unreachable", "fail")
     channel = Channel.open(mode, f"stage '{stage}'")
-    client = channel.client
-    context = RunContext.from_env()
+    client, context = channel.client, RunContext.from_env()
     parent = _parent(channel, experiment, context, full_params)
     if not context.orchestrated:
         client.update_run(parent, status="RUNNING")
-    run_tags = {ROLE_TAG: "stage", STAGE_TAG: stage, **context.tags(),
-                "mlflow.parentRunId": parent, "mlflow.runName": stage,
-                "refinery.dvc_lock_md5": dvc_lock_md5(workspace) or "",
-                **{k: str(v) for k, v in (tags or {}).items()}}
-    run = StageRun(channel, channel.create_run(experiment, {k: v for k, v in run_tags.items()
-                                                            if v}, stage), parent)
+    tags = {ROLE_TAG: "stage", STAGE_TAG: stage, **context.tags(), "mlflow.parentRunId": parent,
+            "refinery.dvc_lock_md5": dvc_lock_md5(workspace) or ""}
+    run = StageRun(channel, channel.create_run(experiment, {k: v for k, v in tags.items() if v},
+                                               stage))
     run.log_params(params)
     if channel.live and ui_base(channel.uri):  # links that open MLflow's training view
         exp = channel.experiment(experiment)
         log.info("MLflow: stage run %s, pipeline run %s", run_url(exp, run.run_id, channel.uri),
                  run_url(exp, parent, channel.uri))
     monitor = _system_metrics(channel, run.run_id, full_params) if system_metrics else None
-    started = time.monotonic()
     try:
         yield run
         _stop(monitor)
-        run.log_metrics({"stage_seconds": time.monotonic() - started})
         run.flush()
         client.set_terminated(run.run_id, status="FINISHED")
     except BaseException as exc:
         _stop(monitor)
-        lost = channel.live and not is_reachable(channel.uri)
-        if not lost:
-            with contextlib.suppress(Exception):
-                message = "".join(traceback.format_exception_only(type(exc), exc)).strip()
-                run.set_tags({"refinery.error": message[:5000]})
-                client.set_terminated(run.run_id, status="FAILED")
-                client.log_batch(parent, tags=tag_items({
-                    f"refinery.stage.{stage}": run.run_id,
-                    f"refinery.stage.{stage}.state": "failed"}))
-                if not context.orchestrated:
-                    client.set_terminated(parent, status="FAILED")
-        if lost and type(exc).__module__.split(".")[0] in {"mlflow", "requests", "urllib3"}:
-            raise TrackingUnavailable(
-                f"lost the MLflow tracking server {ui_base(channel.uri)} during stage "
-                f"'{stage}'; its outputs are not recorded, so the next dvc repro runs it "
-                "again (training resumes from its last checkpoint)") from exc
+        if channel.live and unreachable(channel.uri):
+            if type(exc).__module__.split(".")[0] in {"mlflow", "requests", "urllib3"}:
+                raise TrackingUnavailable(
+                    f"lost the MLflow tracking server {ui_base(channel.uri)} during stage "
+                    f"'{stage}'; its outputs are not recorded, so the next dvc repro runs it "
+                    "again (training resumes from its last checkpoint)") from exc
+            raise
+        with contextlib.suppress(Exception):
+            message = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+            run.set_tags({"refinery.error": message[:5000]})
+            client.set_terminated(run.run_id, status="FAILED")
+            client.log_batch(parent, tags=tag_items({f"refinery.stage.{stage}": run.run_id,
+                                                     f"refinery.stage.{stage}.state": "failed"}))
+            if not context.orchestrated:
+                client.set_terminated(parent, status="FAILED")
         raise
+    deferred = not channel.live
     lineage.write(lineage.Lineage(
         stage=stage, pipeline_id=context.pipeline_id, experiment=experiment,
-        run_id=None if run.deferred else run.run_id,
-        parent_run_id=None if run.deferred else parent,
-        spool_run_id=run.run_id if run.deferred else None, deferred=run.deferred,
+        run_id=None if deferred else run.run_id, parent_run_id=None if deferred else parent,
+        spool_run_id=run.run_id if deferred else None, deferred=deferred,
         finished_at=lineage.Lineage.now(), models=dict(run.models)), workspace)
     try:  # the outputs are written by now: a failure here is logged, never raised
         _record(channel, context, parent, recorded or [stage], roles, workspace)
@@ -320,37 +291,6 @@ def _stop(monitor: Any) -> None:
                 monitor.mlflow_logger.flush()
 
 
-def _record(channel: Channel, context: RunContext, parent: str, stages: Sequence[str],
-            roles: Sequence[tuple[str, str]], workspace: Path) -> dict[str, str]:
-    """Tag the parent with ``stages`` (the run behind each one's outputs, executed by this
-    execution or reused), their metrics, and the data sets they read (``roles``).
-
-    A stage whose lineage names this execution's pipeline id was *executed*; any
-    other lineage file was restored or kept by DVC: the stage was *reused*.
-    """
-    tags: dict[str, str] = {}
-    metrics: dict[str, float] = {}
-    for stage in stages:
-        record = lineage.read(stage, workspace)
-        if record is None:
-            continue
-        executed = record.pipeline_id == context.pipeline_id
-        tags[f"refinery.stage.{stage}"] = channel.resolve(record)
-        tags[f"refinery.stage.{stage}.state"] = "executed" if executed else "reused"
-        metrics.update(_numbers(workspace / paths.metrics_file(stage), prefix=f"{stage}."))
-        if stage == HEADLINE_STAGE:
-            metrics.update(_numbers(workspace / HEADLINE_METRICS))
-    tags["refinery.dvc_lock_md5"] = dvc_lock_md5(workspace) or ""
-    channel.client.log_batch(parent, metrics=_metric_items(metrics),
-                             tags=tag_items({k: v for k, v in tags.items() if v}))
-    try:  # prepare's descriptions (refinery.formats.prepared.describe), read without torch
-        meta = json.loads((workspace / paths.PREPARED / "meta.json").read_text("utf-8"))
-    except (OSError, ValueError):
-        meta = {}
-    _log_inputs(channel, parent, meta.get("datasets") or {}, roles)
-    return tags
-
-
 # ------------------------------------------------------------- the flow's pipeline API
 
 
@@ -368,17 +308,49 @@ class PipelineRecord:
 
     pipeline_id: str
     experiment: str
-    experiment_id: str | None
     parent_run_id: str
     parent_url: str | None
     deferred: bool
     stages: list[StageRecord] = field(default_factory=list)
 
 
+def _record(channel: Channel, context: RunContext, parent: str, stages: Sequence[str],
+            roles: Sequence[tuple[str, str]], workspace: Path,
+            tags: Mapping[str, str] | None = None) -> list[StageRecord]:
+    """Tag the parent with ``stages`` (the run behind each one's outputs, executed by this
+    execution or reused), their metrics, the data sets they read (``roles``), and ``tags``.
+
+    A stage whose lineage names this execution's pipeline id was *executed*; any
+    other lineage file was restored or kept by DVC: the stage was *reused*.
+    """
+    records: list[StageRecord] = []
+    metrics: dict[str, float] = {}
+    for stage in stages:
+        record = lineage.read(stage, workspace)
+        if record is not None:
+            state = "executed" if record.pipeline_id == context.pipeline_id else "reused"
+            records.append(StageRecord(stage, channel.resolve(record), state))
+            values = _numbers(workspace / paths.metrics_file(stage))
+            metrics.update({f"{stage}.{k}": v for k, v in values.items()})
+            if stage == HEADLINE_STAGE:
+                metrics.update(values)
+    tags = {**(tags or {}), "refinery.dvc_lock_md5": dvc_lock_md5(workspace) or ""}
+    for r in records:
+        tags |= {f"refinery.stage.{r.stage}": r.run_id, f"refinery.stage.{r.stage}.state": r.state}
+    channel.client.log_batch(parent, metrics=_metric_items(metrics),
+                             tags=tag_items({k: v for k, v in tags.items() if v}))
+    try:  # prepare's descriptions (refinery.formats.prepared.describe), read without torch
+        meta = json.loads((workspace / paths.PREPARED / "meta.json").read_text("utf-8"))
+    except (OSError, ValueError):
+        meta = {}
+    _log_inputs(channel, parent, meta.get("datasets") or {}, roles)
+    return records
+
+
 def begin_pipeline(context: RunContext, params: Mapping[str, Any], workspace: Path,
                    overrides: Mapping[str, Any] | None = None) -> PipelineRecord:
     """Create (or find) the parent run before any stage runs; fail fast if the server is down."""
-    experiment = params.get("tracking", {}).get("experiment", "refinery")
+    experiment = _configured(params, "experiment", "refinery")
     channel = Channel.open(_configured(params, "on_unreachable", "fail"), "the pipeline",
                            root=workspace)
     parent = _parent(channel, experiment, context, params)
@@ -395,16 +367,11 @@ def end_pipeline(context: RunContext, params: Mapping[str, Any], stages: Sequenc
     """Record ``stages`` (with the data sets of ``roles``, and ``tags``) on the parent and
     close it. Never fails for tracking reasons: the work is done, so an unreachable
     server here only defers these records to the spool."""
-    experiment = params.get("tracking", {}).get("experiment", "refinery")
+    experiment = _configured(params, "experiment", "refinery")
     channel = Channel.open("defer", "recording the pipeline", root=workspace)
     parent = _parent(channel, experiment, context, params)
-    channel.client.log_batch(parent, tags=tag_items({k: v for k, v in (tags or {}).items()
-                                                     if v}))
-    recorded = _record(channel, context, parent, stages, roles, workspace)
+    records = _record(channel, context, parent, stages, roles, workspace, tags)
     channel.client.set_terminated(parent, status="FAILED" if failed else "FINISHED")
-    records = [StageRecord(s, recorded[f"refinery.stage.{s}"],
-                           recorded[f"refinery.stage.{s}.state"])
-               for s in stages if f"refinery.stage.{s}" in recorded]
     return _pipeline_record(channel, experiment, context, parent, records)
 
 
@@ -415,9 +382,9 @@ def _pipeline_record(channel: Channel, experiment: str, context: RunContext, par
         if exp_id and not record.run_id.startswith("spool:"):
             record.url = run_url(exp_id, record.run_id, channel.uri)
     return PipelineRecord(
-        pipeline_id=context.pipeline_id, experiment=experiment, experiment_id=exp_id,
-        parent_run_id=parent, parent_url=run_url(exp_id, parent, channel.uri) if exp_id else None,
-        deferred=channel.deferred, stages=stages)
+        pipeline_id=context.pipeline_id, experiment=experiment, parent_run_id=parent,
+        parent_url=run_url(exp_id, parent, channel.uri) if exp_id else None,
+        deferred=not channel.live, stages=stages)
 
 
 @dataclass
@@ -439,7 +406,7 @@ def record_seeds(experiment: str, name: str, *, params: Mapping[str, Any],
     """
     channel = Channel.open("fail", "recording the seeds")
     client, exp_id = channel.client, channel.experiment(experiment)
-    tags = {ROLE_TAG: "seeds", "refinery.seeds_name": name, "mlflow.runName": f"seeds {name}",
+    tags = {ROLE_TAG: "seeds", "refinery.seeds_name": name,
             "refinery.dvc_experiments": ",".join(experiments),
             "mlflow.source.git.commit": git_commit() or ""}
     run_id = channel.create_run(experiment, {k: v for k, v in tags.items() if v},
@@ -462,8 +429,8 @@ def record_seeds(experiment: str, name: str, *, params: Mapping[str, Any],
 def sync_spool(uri: str | None = None, root: Path | None = None) -> ReplayReport:
     """Replay the spool now; raise :class:`TrackingUnavailable` if the server is still down."""
     channel = Channel(uri, root)
-    if not channel.spool.pending():
+    if not channel.pending.exists():
         return ReplayReport()
-    check_reachable(channel.uri)
-    channel.point_mlflow()  # served artifacts (mlflow-artifacts:/) resolve through it
-    return channel.replay_pending(strict=True)
+    if reason := unreachable(channel.uri):
+        raise TrackingUnavailable(reason)
+    return channel.replay()
