@@ -303,7 +303,9 @@ class MlflowServer(ServerProcess):
         user, see :func:`mlflow_server`)."""
         from mlflow.tracking import MlflowClient
 
-        return MlflowClient(tracking_uri=self.uri)
+        # The registry too: MLflow's global registry URI (a stage run in this process
+        # points it at its own server) must not redirect this server's client.
+        return MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
 
 
 #: What a failing server service (the scheduler, above all) writes to the server log.
