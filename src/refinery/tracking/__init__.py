@@ -21,7 +21,7 @@ Modules: :mod:`.context` (where records go, who launched the execution),
 (stage, pipeline and seeds runs).
 """
 
-from refinery.tracking.channel import Channel, flatten
+from refinery.tracking.channel import Channel, flatten, sync_spool
 from refinery.tracking.context import (
     FLOW_RUN_ID_ENV,
     PIPELINE_ID_ENV,
@@ -40,7 +40,6 @@ from refinery.tracking.runs import (
     end_pipeline,
     record_seeds,
     stage_run,
-    sync_spool,
 )
 
 __all__ = [

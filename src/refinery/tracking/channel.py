@@ -12,7 +12,6 @@ their pipeline id.
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import json
 import logging
@@ -34,6 +33,7 @@ from refinery.tracking.context import (
     ROLE_TAG,
     TrackingUnavailable,
     artifact_location,
+    run_url,
     store_root,
     tracking_uri,
     unreachable,
@@ -180,42 +180,59 @@ class Channel:
         return MlflowClient(tracking_uri=self.target)
 
     def experiment(self, name: str) -> str:
-        """The experiment's id in :attr:`target`, created if new."""
-        if name not in self._experiments:
-            self._experiments[name] = _experiment_id(self.client, name,
-                                                     artifact_location(self.target))
-        return self._experiments[name]
+        """The experiment's id in :attr:`target`, created if new; tagged as model training,
+        not GenAI (an experiment made before the tag too)."""
+        if name in self._experiments:
+            return self._experiments[name]
+        found = self.client.get_experiment_by_name(name)
+        if found is None:
+            try:
+                self._experiments[name] = self.client.create_experiment(
+                    name, artifact_location(self.target), tags=EXPERIMENT_KIND)
+                return self._experiments[name]
+            except Exception:  # created concurrently by another stage
+                if (found := self.client.get_experiment_by_name(name)) is None:
+                    raise
+        for key, value in EXPERIMENT_KIND.items():
+            if found.tags.get(key) != value:
+                self.client.set_experiment_tag(found.experiment_id, key, value)
+        self._experiments[name] = found.experiment_id
+        return found.experiment_id
 
-    def create_run(self, experiment: str, tags: Mapping[str, str], run_name: str) -> str:
+    def create_run(self, experiment: str, tags: Mapping[str, Any], run_name: str) -> str:
+        """A new run, with the tags that have a value."""
         if not self.live:  # the writer's id: a replay leaves the runs of live writers alone
-            tags = {**tags, DEFERRED_TAG: "true", PROCESS_TAG: process_id() or ""}
-        return self.client.create_run(self.experiment(experiment), tags=dict(tags),
-                                      run_name=run_name).info.run_id
+            tags = {**tags, DEFERRED_TAG: "true", PROCESS_TAG: process_id()}
+        return self.client.create_run(self.experiment(experiment), run_name=run_name, tags={
+            k: str(v) for k, v in tags.items() if v}).info.run_id
+
+    def url(self, experiment: str, run_id: str) -> str | None:
+        """The run's page in the server's UI (none for a local store or a spooled run)."""
+        live = self.live and not run_id.startswith("spool:")
+        return run_url(self.experiment(experiment), run_id, self.uri) if live else None
+
+    def find(self, experiment: str, tags: Mapping[str, str]) -> str | None:
+        """The id of a run of ``experiment`` that has these tags, if there is one."""
+        query = " and ".join(f"tags.`{key}` = '{value}'" for key, value in tags.items())
+        found = self.client.search_runs([self.experiment(experiment)], query, max_results=1)
+        return found[0].info.run_id if found else None
 
     def parent(self, experiment: str, pid: str, tags: Mapping[str, str], run_name: str,
                params: Mapping[str, Any] | None = None) -> str:
         """Find the parent run of pipeline execution ``pid``, or create it (with the full
         ``params``): the stages of one execution, and spool replay, share it."""
-        query = f"tags.`{PIPELINE_TAG}` = '{pid}' and tags.`{ROLE_TAG}` = 'pipeline'"
-        found = self.client.search_runs([self.experiment(experiment)], query, max_results=1)
-        if found:
-            return found[0].info.run_id
-        run_id = self.create_run(experiment, {**tags, ROLE_TAG: "pipeline", PIPELINE_TAG: pid},
-                                 run_name)
+        key = {PIPELINE_TAG: pid, ROLE_TAG: "pipeline"}
+        if found := self.find(experiment, key):
+            return found
+        run_id = self.create_run(experiment, {**tags, **key}, run_name)
         self.client.log_batch(run_id, params=param_items(params or {}))
         return run_id
 
     def resolve(self, record: lineage.Lineage) -> str:
         """The server run id behind a lineage record (looked up if it was deferred)."""
-        found = record.run_id or (self.live and record.spool_run_id and self._replayed_as(
-            record.experiment, record.spool_run_id))
+        found = record.run_id or (self.live and record.spool_run_id and self.find(
+            record.experiment, {SPOOL_RUN_TAG: record.spool_run_id}))
         return found or f"spool:{record.spool_run_id}"
-
-    def _replayed_as(self, experiment: str, spool_id: str) -> str | None:
-        """The server run that spool run ``spool_id`` was replayed to, if it was."""
-        found = self.client.search_runs([self.experiment(experiment)],
-                                        f"tags.`{SPOOL_RUN_TAG}` = '{spool_id}'", max_results=1)
-        return found[0].info.run_id if found else None
 
     def replay(self) -> ReplayReport:
         """Copy every spooled run to the server (the channel is live), then drop it.
@@ -228,8 +245,6 @@ class Channel:
         from mlflow.tracking import MlflowClient
 
         report = ReplayReport()
-        if not self.pending.exists():
-            return report
         spool = MlflowClient(tracking_uri=self.spool_uri, registry_uri=self.spool_uri)
         with open(self.spool_dir / ".replay.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # one replay at a time; closing releases it
@@ -239,14 +254,14 @@ class Channel:
             live = {r.data.tags.get(PIPELINE_TAG) for r in runs if r.info.status == "RUNNING"
                     and _other_writer_alive(r.data.tags.get(PROCESS_TAG, ""))}
             for run in sorted(runs, key=lambda r: r.data.tags.get(ROLE_TAG) == "pipeline"):
-                spool_id, experiment = run.info.run_id, names[run.info.experiment_id]
+                spool_id = run.info.run_id
                 if run.data.tags.get(PIPELINE_TAG) in live:
                     report.skipped_live.append(spool_id)
                     continue
-                target = report.replayed[spool_id] = self._copy(spool, run, experiment, report)
-                with contextlib.suppress(Exception):  # (a registry is no reason to stop)
-                    for version in spool.search_model_versions(f"run_id = '{spool_id}'"):
-                        report.models_not_replayed.append(f"{version.name} v{version.version}")
+                target = self._copy(spool, run, names[run.info.experiment_id], report)
+                report.replayed[spool_id] = target
+                for version in spool.search_model_versions(f"run_id = '{spool_id}'"):
+                    report.models_not_replayed.append(f"{version.name} v{version.version}")
                 spool.delete_run(spool_id)
                 local = Path(run.info.artifact_uri.removeprefix("file://")).parent
                 if local.is_dir() and self.spool_dir in local.parents:
@@ -257,26 +272,24 @@ class Channel:
         return report
 
     def _copy(self, spool: Any, run: Any, experiment: str, report: ReplayReport) -> str:
-        """Copy one spooled run to the server: into its pipeline's parent (a parent run),
-        or a new child of that parent, or the one an interrupted earlier replay made."""
+        """Copy one spooled run to the server: a parent run into its pipeline's parent, a
+        stage run as a new child of it (or into the copy an interrupted replay made)."""
         from mlflow.entities import Param, RunTag
 
         spool_id, remote = run.info.run_id, self.client
         tags = {k: v for k, v in run.data.tags.items() if k not in _NOT_COPIED}
-        pid = tags.get(PIPELINE_TAG, "")
+        for key, value in list(tags.items()):  # a parent's stage runs named offline: spool:<id>
+            ref = value.removeprefix("spool:")
+            if ref != value:  # replayed just now, or by an earlier replay
+                tags[key] = (report.replayed.get(ref)
+                             or self.find(experiment, {SPOOL_RUN_TAG: ref}) or value)
+        pid = tags[PIPELINE_TAG]
         if tags.get(ROLE_TAG) == "pipeline":
-            for key, value in list(tags.items()):  # stage runs named offline: spool:<id>
-                ref = value.removeprefix("spool:")
-                if ref != value:  # replayed just now, or by an earlier replay
-                    tags[key] = (report.replayed.get(ref) or self._replayed_as(experiment, ref)
-                                 or value)
             target = self.parent(experiment, pid, tags, run.info.run_name)
         else:
-            found = self._replayed_as(experiment, spool_id)
             tags[SPOOL_RUN_TAG] = spool_id
-            if pid:
-                tags["mlflow.parentRunId"] = self.parent(experiment, pid, {}, f"pipeline {pid}")
-            target = found or remote.create_run(
+            tags["mlflow.parentRunId"] = self.parent(experiment, pid, {}, f"pipeline {pid}")
+            target = self.find(experiment, {SPOOL_RUN_TAG: spool_id}) or remote.create_run(
                 self.experiment(experiment), start_time=run.info.start_time, tags=tags,
                 run_name=run.info.run_name).info.run_id
         existing = remote.get_run(target).data.params  # a found parent has its params already
@@ -294,17 +307,11 @@ class Channel:
         return target
 
 
-def _experiment_id(client: Any, name: str, location: str | None) -> str:
-    """The experiment's id, created (tagged as model training, not GenAI) if new."""
-    experiment = client.get_experiment_by_name(name)
-    if experiment is None:
-        try:
-            return client.create_experiment(name, artifact_location=location,
-                                            tags=EXPERIMENT_KIND)
-        except Exception:  # created concurrently by another stage
-            if (experiment := client.get_experiment_by_name(name)) is None:
-                raise
-    for key, value in EXPERIMENT_KIND.items():  # an experiment made before the tag
-        if experiment.tags.get(key) != value:
-            client.set_experiment_tag(experiment.experiment_id, key, value)
-    return experiment.experiment_id
+def sync_spool(uri: str | None = None, root: Path | None = None) -> ReplayReport:
+    """Replay the spool now; raise :class:`TrackingUnavailable` if the server is still down."""
+    channel = Channel(uri, root)
+    if not channel.pending.exists():
+        return ReplayReport()
+    if reason := unreachable(channel.uri):
+        raise TrackingUnavailable(reason)
+    return channel.replay()

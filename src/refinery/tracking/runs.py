@@ -23,14 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from refinery import lineage, paths
-from refinery.tracking.channel import (
-    Channel,
-    OnUnreachable,
-    ReplayReport,
-    flatten,
-    param_items,
-    tag_items,
-)
+from refinery.tracking.channel import Channel, OnUnreachable, flatten, param_items, tag_items
 from refinery.tracking.context import (
     ROLE_TAG,
     STAGE_TAG,
@@ -38,7 +31,6 @@ from refinery.tracking.context import (
     TrackingUnavailable,
     dvc_lock_md5,
     git_commit,
-    run_url,
     ui_base,
     unreachable,
 )
@@ -58,18 +50,16 @@ def _metric_items(values: Mapping[str, Any], step: int = 0, **extra: Any) -> lis
             if isinstance(v, numbers.Real)]
 
 
-def _numbers(path: Path) -> dict[str, float]:
-    """Numeric leaves of a JSON metrics file, flattened (missing or bad file: none)."""
+def _json(path: Path) -> dict[str, Any]:
+    """A JSON file's object (a missing or bad file: empty)."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
-    return {k: float(v) for k, v in flatten(data).items()
-            if isinstance(v, int | float) and not isinstance(v, bool)} \
-        if isinstance(data, Mapping) else {}
+    return data if isinstance(data, dict) else {}
 
 
-def dataset_entity(described: Mapping[str, Any]) -> Any:
+def _dataset(described: Mapping[str, Any]) -> Any:
     """An MLflow dataset record of one prepared split: metadata, not the pixels (they are
     in DVC's cache). Source: the download URL (``http``), else the builtin set (``code``)."""
     import numpy as np
@@ -87,18 +77,6 @@ def dataset_entity(described: Mapping[str, Any]) -> Any:
                    source_type="http" if web else "code",
                    source=json.dumps({"url": source} if web else {"tags": {"builtin": source}}),
                    schema=json.dumps(schema), profile=json.dumps(profile))
-
-
-def _log_inputs(channel: Channel, run_id: str, described: Mapping[str, Mapping[str, Any]],
-                roles: Sequence[tuple[str, str]]) -> None:
-    """Data sets as MLflow dataset inputs with their role: the runs list's Datasets column."""
-    from mlflow.entities import DatasetInput, InputTag
-
-    inputs = [DatasetInput(dataset_entity(described[split]),
-                           [InputTag("mlflow.data.context", context)])
-              for split, context in roles if split in described]
-    if inputs:
-        channel.client.log_inputs(run_id, datasets=inputs)
 
 
 @dataclass
@@ -123,9 +101,6 @@ class StageRun:
         self.channel.client.log_batch(self.run_id, metrics=batch)
         self._last_flush = time.monotonic()
 
-    def log_params(self, params: Mapping[str, Any]) -> None:
-        self.channel.client.log_batch(self.run_id, params=param_items(params))
-
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         self.channel.client.log_batch(self.run_id, tags=tag_items(tags))
 
@@ -138,8 +113,15 @@ class StageRun:
     def log_datasets(self, described: Mapping[str, Mapping[str, Any]],
                      roles: Sequence[tuple[str, str]]) -> None:
         """The data sets this run read (``described``: :func:`refinery.formats.prepared.
-        datasets`), each with its role (``training``, ``validation``, ...)."""
-        _log_inputs(self.channel, self.run_id, described, roles)
+        datasets`), each with its role (``training``, ``validation``, ...), as MLflow
+        dataset inputs: the runs list's Datasets column."""
+        from mlflow.entities import DatasetInput, InputTag
+
+        inputs = [DatasetInput(_dataset(described[split]),
+                               [InputTag("mlflow.data.context", context)])
+                  for split, context in roles if split in described]
+        if inputs:
+            self.channel.client.log_inputs(self.run_id, datasets=inputs)
 
     def log_model_metrics(self, metrics: Mapping[str, float], model_id: str,
                           dataset: Mapping[str, Any] | None = None) -> None:
@@ -218,14 +200,11 @@ def stage_run(stage: str, params: Mapping[str, Any], *, experiment: str = "refin
     if not context.orchestrated:
         client.update_run(parent, status="RUNNING")
     tags = {ROLE_TAG: "stage", STAGE_TAG: stage, **context.tags(), "mlflow.parentRunId": parent,
-            "refinery.dvc_lock_md5": dvc_lock_md5(workspace) or ""}
-    run = StageRun(channel, channel.create_run(experiment, {k: v for k, v in tags.items() if v},
-                                               stage))
-    run.log_params(params)
-    if channel.live and ui_base(channel.uri):  # links that open MLflow's training view
-        exp = channel.experiment(experiment)
-        log.info("MLflow: stage run %s, pipeline run %s", run_url(exp, run.run_id, channel.uri),
-                 run_url(exp, parent, channel.uri))
+            "refinery.dvc_lock_md5": dvc_lock_md5(workspace)}
+    run = StageRun(channel, channel.create_run(experiment, tags, stage))
+    client.log_batch(run.run_id, params=param_items(params))
+    if url := channel.url(experiment, run.run_id):  # links that open MLflow's training view
+        log.info("MLflow: stage run %s, pipeline run %s", url, channel.url(experiment, parent))
     monitor = _system_metrics(channel, run.run_id, full_params) if system_metrics else None
     try:
         yield run
@@ -324,26 +303,25 @@ def _record(channel: Channel, context: RunContext, parent: str, stages: Sequence
     other lineage file was restored or kept by DVC: the stage was *reused*.
     """
     records: list[StageRecord] = []
-    metrics: dict[str, float] = {}
+    metrics: dict[str, Any] = {}
+    tags = {**(tags or {}), "refinery.dvc_lock_md5": dvc_lock_md5(workspace) or ""}
     for stage in stages:
         record = lineage.read(stage, workspace)
         if record is not None:
-            state = "executed" if record.pipeline_id == context.pipeline_id else "reused"
-            records.append(StageRecord(stage, channel.resolve(record), state))
-            values = _numbers(workspace / paths.metrics_file(stage))
+            run = StageRecord(stage, channel.resolve(record), "executed"
+                              if record.pipeline_id == context.pipeline_id else "reused")
+            records.append(run)
+            tags |= {f"refinery.stage.{stage}": run.run_id, f"refinery.stage.{stage}.state":
+                     run.state}
+            values = flatten(_json(workspace / paths.metrics_file(stage)))
             metrics.update({f"{stage}.{k}": v for k, v in values.items()})
             if stage == HEADLINE_STAGE:
                 metrics.update(values)
-    tags = {**(tags or {}), "refinery.dvc_lock_md5": dvc_lock_md5(workspace) or ""}
-    for r in records:
-        tags |= {f"refinery.stage.{r.stage}": r.run_id, f"refinery.stage.{r.stage}.state": r.state}
     channel.client.log_batch(parent, metrics=_metric_items(metrics),
                              tags=tag_items({k: v for k, v in tags.items() if v}))
-    try:  # prepare's descriptions (refinery.formats.prepared.describe), read without torch
-        meta = json.loads((workspace / paths.PREPARED / "meta.json").read_text("utf-8"))
-    except (OSError, ValueError):
-        meta = {}
-    _log_inputs(channel, parent, meta.get("datasets") or {}, roles)
+    # prepare's descriptions (refinery.formats.prepared.describe), read without torch
+    datasets = _json(workspace / paths.PREPARED / "meta.json").get("datasets") or {}
+    StageRun(channel, parent).log_datasets(datasets, roles)
     return records
 
 
@@ -358,7 +336,8 @@ def begin_pipeline(context: RunContext, params: Mapping[str, Any], workspace: Pa
         channel.client.set_tag(parent, "refinery.overrides",
                                json.dumps(dict(overrides), sort_keys=True))
     channel.client.update_run(parent, status="RUNNING")
-    return _pipeline_record(channel, experiment, context, parent, [])
+    return PipelineRecord(context.pipeline_id, experiment, parent,
+                          channel.url(experiment, parent), not channel.live)
 
 
 def end_pipeline(context: RunContext, params: Mapping[str, Any], stages: Sequence[str],
@@ -372,19 +351,10 @@ def end_pipeline(context: RunContext, params: Mapping[str, Any], stages: Sequenc
     parent = _parent(channel, experiment, context, params)
     records = _record(channel, context, parent, stages, roles, workspace, tags)
     channel.client.set_terminated(parent, status="FAILED" if failed else "FINISHED")
-    return _pipeline_record(channel, experiment, context, parent, records)
-
-
-def _pipeline_record(channel: Channel, experiment: str, context: RunContext, parent: str,
-                     stages: list[StageRecord]) -> PipelineRecord:
-    exp_id = channel.experiment(experiment) if channel.live else None
-    for record in stages:
-        if exp_id and not record.run_id.startswith("spool:"):
-            record.url = run_url(exp_id, record.run_id, channel.uri)
-    return PipelineRecord(
-        pipeline_id=context.pipeline_id, experiment=experiment, parent_run_id=parent,
-        parent_url=run_url(exp_id, parent, channel.uri) if exp_id else None,
-        deferred=not channel.live, stages=stages)
+    for record in records:
+        record.url = channel.url(experiment, record.run_id)
+    return PipelineRecord(context.pipeline_id, experiment, parent,
+                          channel.url(experiment, parent), not channel.live, records)
 
 
 @dataclass
@@ -406,11 +376,10 @@ def record_seeds(experiment: str, name: str, *, params: Mapping[str, Any],
     """
     channel = Channel.open("fail", "recording the seeds")
     client, exp_id = channel.client, channel.experiment(experiment)
-    tags = {ROLE_TAG: "seeds", "refinery.seeds_name": name,
-            "refinery.dvc_experiments": ",".join(experiments),
-            "mlflow.source.git.commit": git_commit() or ""}
-    run_id = channel.create_run(experiment, {k: v for k, v in tags.items() if v},
-                                f"seeds {name}")
+    run_id = channel.create_run(experiment, {
+        ROLE_TAG: "seeds", "refinery.seeds_name": name,
+        "refinery.dvc_experiments": ",".join(experiments),
+        "mlflow.source.git.commit": git_commit()}, f"seeds {name}")
     client.log_batch(run_id, metrics=_metric_items(metrics), params=param_items(params))
     for artifact in artifacts:
         client.log_artifact(run_id, str(artifact), "seeds")
@@ -422,15 +391,5 @@ def record_seeds(experiment: str, name: str, *, params: Mapping[str, Any],
             client.set_tag(run.info.run_id, "mlflow.parentRunId", run_id)
             children[dvc_experiment] = run.info.run_id
     client.set_terminated(run_id, status="FINISHED")
-    return SeedsRecord(run_id, run_url(exp_id, run_id, channel.uri), children,
+    return SeedsRecord(run_id, channel.url(experiment, run_id), children,
                        [e for e in experiments if e not in children])
-
-
-def sync_spool(uri: str | None = None, root: Path | None = None) -> ReplayReport:
-    """Replay the spool now; raise :class:`TrackingUnavailable` if the server is still down."""
-    channel = Channel(uri, root)
-    if not channel.pending.exists():
-        return ReplayReport()
-    if reason := unreachable(channel.uri):
-        raise TrackingUnavailable(reason)
-    return channel.replay()
