@@ -16,20 +16,13 @@ retries (about a minute); past them the stage fails with
 :class:`TrackingUnavailable` and DVC records nothing for it, so the next ``dvc
 repro`` runs it again.
 
-Modules: :mod:`.context` (where records go, who launched the execution),
-:mod:`.channel` (server or spool, and the spool's replay), :mod:`.runs`
-(stage, pipeline and seeds runs).
+Modules: :mod:`.context` (who launched the execution, and what it ran on),
+:mod:`.channel` (where records go: server or spool, and the spool's replay),
+:mod:`.runs` (stage, pipeline and seeds runs).
 """
 
-from refinery.tracking.channel import Channel, flatten, sync_spool
-from refinery.tracking.context import (
-    FLOW_RUN_ID_ENV,
-    PIPELINE_ID_ENV,
-    RunContext,
-    TrackingUnavailable,
-    git_commit,
-    run_url,
-)
+from refinery.tracking.channel import Channel, TrackingUnavailable, flatten, run_url, sync_spool
+from refinery.tracking.context import FLOW_RUN_ID_ENV, PIPELINE_ID_ENV, RunContext, git_commit
 from refinery.tracking.runs import (
     DVC_EXPERIMENT_TAG,
     NullRun,

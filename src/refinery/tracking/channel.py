@@ -1,15 +1,17 @@
-"""Where one stage's records go: the tracking server, or the local spool.
+"""Where records go: the tracking server, or the local spool.
 
-The choice is made once, when the channel opens (:meth:`Channel.open`), as the
-package's docstring says. The spool (``mlflow/spool/``, git-ignored) is a real
-MLflow store (sqlite + files) rather than a private journal: every logging call
-behaves as it would against the server (artifacts are copied at log time), and
-``mlflow ui`` can browse it. :meth:`Channel.replay` copies its runs to the
-server (params, tags, full metric histories, artifacts, final status) as new
-runs tagged ``refinery.spool_run=<spool id>``, under the server's parent of
-their pipeline id.
+The store's location (a repository's ``mlflow/``, or ``MLFLOW_TRACKING_URI``),
+the UI address for links, and the health check behind
+``tracking.on_unreachable``. The choice between server and spool is made once,
+when the channel opens (:meth:`Channel.open`), as the package's docstring says.
+The spool (``mlflow/spool/``, git-ignored) is a real MLflow store (sqlite +
+files) rather than a private journal: every logging call behaves as it would
+against the server (artifacts are copied at log time), and ``mlflow ui`` can
+browse it. :meth:`Channel.replay` copies its runs to the server (params, tags,
+full metric histories, artifacts, final status) as new runs tagged
+``refinery.spool_run=<spool id>``, under the server's parent of their pipeline
+id.
 """
-
 from __future__ import annotations
 
 import fcntl
@@ -24,28 +26,87 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 from refinery import lineage
-from refinery.tracking.context import (
-    DEFERRED_TAG,
-    EXPERIMENT_KIND,
-    PIPELINE_TAG,
-    ROLE_TAG,
-    TrackingUnavailable,
-    artifact_location,
-    run_url,
-    store_root,
-    tracking_uri,
-    unreachable,
-)
+from refinery.errors import TrackingError
+from refinery.tracking.context import PIPELINE_TAG, ROLE_TAG
 
 log = logging.getLogger(__name__)
 
+# Keep MLflow quiet and offline by default. A stage start checks /health itself (fail
+# fast); mid-stage, MLflow's own retries (2+4+8+16+32 s) ride out a server restart,
+# not its default ~4 minutes per call. Users can override any of these.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "5")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "2")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+
 OnUnreachable = Literal["fail", "defer"]
+DEFERRED_TAG = "refinery.deferred"  # on a run logged to the spool
 SPOOL_ENV = "REFINERY_TRACKING_SPOOL"
 SPOOL_RUN_TAG = "refinery.spool_run"  # on a replayed server run: its id in the spool
 PROCESS_TAG = "refinery.process"  # host:pid:start of the process that wrote a spool run
 _NOT_COPIED = {"mlflow.parentRunId", PROCESS_TAG}
+
+
+class TrackingUnavailable(TrackingError):
+    """The tracking server cannot be reached and the params say to fail fast."""
+
+
+def store_root() -> Path:
+    """The repository whose ``mlflow/`` holds the default store and the spool: for queued
+    and ``--temp`` experiments (a copy under ``.dvc/tmp/exps``) DVC's ``DVC_ROOT``."""
+    return Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
+
+
+def tracking_uri(root: Path | None = None) -> str:
+    default = (root or store_root()).resolve() / "mlflow" / "mlflow.db"
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{default}"
+
+
+def artifact_location(uri: str) -> str | None:
+    """Artifacts beside a local sqlite store; a remote server decides its own."""
+    db = uri.removeprefix("sqlite:///")
+    return (Path(db).parent / "artifacts").as_uri() if db != uri else None
+
+
+def ui_base(uri: str | None = None) -> str | None:
+    """The MLflow UI address of an HTTP tracking URI, without credentials."""
+    parts = urlsplit(uri or tracking_uri())
+    if parts.scheme not in ("http", "https"):
+        return None
+    netloc = f"{parts.hostname}:{parts.port}" if parts.port else parts.hostname or ""
+    return urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", ""))
+
+
+# MLflow 3.17's UI opens on its GenAI view in a fresh browser; this query opens the
+# training view (runs, datasets, models) instead (../shared/notes/stack-notes.md).
+TRAINING_VIEW = "?workflowType=machine_learning"
+# The experiment tag clients read for the kind of experiment (the UI's switch ignores it).
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
+def run_url(experiment_id: str, run_id: str, uri: str | None = None) -> str | None:
+    base = ui_base(uri)
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}{TRAINING_VIEW}" if base else None
+
+
+def unreachable(uri: str, timeout_s: float = 5.0) -> str | None:
+    """Why an HTTP tracking server does not answer ``/health``; None if it does (or if
+    ``uri`` is a local store). One request: MLflow's own client would retry for minutes."""
+    base = ui_base(uri)
+    if base is None:
+        return None
+    import requests
+
+    try:
+        status = requests.get(uri.rstrip("/") + "/health", timeout=timeout_s).status_code
+    except requests.RequestException as exc:
+        return f"MLflow tracking server {base} is unreachable ({exc.__class__.__name__})"
+    return f"MLflow tracking server {base} answered HTTP {status}" if status >= 500 else None
 
 
 def flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

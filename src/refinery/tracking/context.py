@@ -1,10 +1,9 @@
-"""Where records go, who launched the execution, and whether the server answers.
+"""Who launched a pipeline execution, and what it ran on.
 
-The store's location (a repository's ``mlflow/``, or ``MLFLOW_TRACKING_URI``),
-the UI address for links, the git commit and ``dvc.lock`` hash, the health
-check behind ``tracking.on_unreachable``, and :class:`RunContext`: the ids that
-tie the stages of one pipeline execution together (set by DVC and by the
-Prefect flow in the stage processes' environment).
+:class:`RunContext`: the ids that tie the stages of one pipeline execution
+together (set by DVC and by the Prefect flow in the stage processes'
+environment), and the tags that name them on its runs; the git commit and the
+``dvc.lock`` hash.
 """
 
 from __future__ import annotations
@@ -17,9 +16,6 @@ import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
-
-from refinery.errors import TrackingError
 
 PIPELINE_ID_ENV = "REFINERY_PIPELINE_ID"
 FLOW_RUN_ID_ENV = "REFINERY_PREFECT_FLOW_RUN_ID"
@@ -28,59 +24,6 @@ FLOW_RUN_URL_ENV = "REFINERY_PREFECT_FLOW_RUN_URL"
 PIPELINE_TAG = "refinery.pipeline_id"
 ROLE_TAG = "refinery.role"  # pipeline | stage | seeds
 STAGE_TAG = "refinery.stage"
-DEFERRED_TAG = "refinery.deferred"  # on a run logged to the spool
-
-# Keep MLflow quiet and offline by default. A stage start checks /health itself (fail
-# fast); mid-stage, MLflow's own retries (2+4+8+16+32 s) ride out a server restart,
-# not its default ~4 minutes per call. Users can override any of these.
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
-os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "5")
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "2")
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
-
-
-class TrackingUnavailable(TrackingError):
-    """The tracking server cannot be reached and the params say to fail fast."""
-
-
-def store_root() -> Path:
-    """The repository whose ``mlflow/`` holds the default store and the spool: for queued
-    and ``--temp`` experiments (a copy under ``.dvc/tmp/exps``) DVC's ``DVC_ROOT``."""
-    return Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
-
-
-def tracking_uri(root: Path | None = None) -> str:
-    default = (root or store_root()).resolve() / "mlflow" / "mlflow.db"
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{default}"
-
-
-def artifact_location(uri: str) -> str | None:
-    """Artifacts beside a local sqlite store; a remote server decides its own."""
-    db = uri.removeprefix("sqlite:///")
-    return (Path(db).parent / "artifacts").as_uri() if db != uri else None
-
-
-def ui_base(uri: str | None = None) -> str | None:
-    """The MLflow UI address of an HTTP tracking URI, without credentials."""
-    parts = urlsplit(uri or tracking_uri())
-    if parts.scheme not in ("http", "https"):
-        return None
-    netloc = f"{parts.hostname}:{parts.port}" if parts.port else parts.hostname or ""
-    return urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", ""))
-
-
-# MLflow 3.17's UI opens on its GenAI view in a fresh browser; this query opens the
-# training view (runs, datasets, models) instead (../shared/notes/stack-notes.md).
-TRAINING_VIEW = "?workflowType=machine_learning"
-# The experiment tag clients read for the kind of experiment (the UI's switch ignores it).
-EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
-
-
-def run_url(experiment_id: str, run_id: str, uri: str | None = None) -> str | None:
-    base = ui_base(uri)
-    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}{TRAINING_VIEW}" if base else None
 
 
 def git_commit(cwd: Path | None = None) -> str | None:
@@ -97,21 +40,6 @@ def dvc_lock_md5(workspace: Path | None = None) -> str | None:
         return hashlib.md5((workspace or Path(".")).joinpath("dvc.lock").read_bytes()).hexdigest()
     except OSError:
         return None
-
-
-def unreachable(uri: str, timeout_s: float = 5.0) -> str | None:
-    """Why an HTTP tracking server does not answer ``/health``; None if it does (or if
-    ``uri`` is a local store). One request: MLflow's own client would retry for minutes."""
-    base = ui_base(uri)
-    if base is None:
-        return None
-    import requests
-
-    try:
-        status = requests.get(uri.rstrip("/") + "/health", timeout=timeout_s).status_code
-    except requests.RequestException as exc:
-        return f"MLflow tracking server {base} is unreachable ({exc.__class__.__name__})"
-    return f"MLflow tracking server {base} answered HTTP {status}" if status >= 500 else None
 
 
 def _dvc_launcher_id() -> str | None:

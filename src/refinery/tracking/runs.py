@@ -23,17 +23,17 @@ from pathlib import Path
 from typing import Any
 
 from refinery import lineage, paths
-from refinery.tracking.channel import Channel, OnUnreachable, flatten, param_items, tag_items
-from refinery.tracking.context import (
-    ROLE_TAG,
-    STAGE_TAG,
-    RunContext,
+from refinery.tracking.channel import (
+    Channel,
+    OnUnreachable,
     TrackingUnavailable,
-    dvc_lock_md5,
-    git_commit,
+    flatten,
+    param_items,
+    tag_items,
     ui_base,
     unreachable,
 )
+from refinery.tracking.context import ROLE_TAG, STAGE_TAG, RunContext, dvc_lock_md5, git_commit
 
 log = logging.getLogger(__name__)
 
