@@ -260,12 +260,15 @@ class Channel:
         self._experiments[name] = found.experiment_id
         return found.experiment_id
 
-    def create_run(self, experiment: str, tags: Mapping[str, Any], run_name: str) -> str:
-        """A new run, with the tags that have a value."""
+    def create_run(self, experiment: str, tags: Mapping[str, Any], run_name: str,
+                   params: Mapping[str, Any]) -> str:
+        """A new run with ``params``, and the tags that have a value."""
         if not self.live:  # the writer's id: a replay leaves the runs of live writers alone
             tags = {**tags, DEFERRED_TAG: "true", PROCESS_TAG: process_id()}
-        return self.client.create_run(self.experiment(experiment), run_name=run_name, tags={
+        run_id = self.client.create_run(self.experiment(experiment), run_name=run_name, tags={
             k: str(v) for k, v in tags.items() if v}).info.run_id
+        self.client.log_batch(run_id, params=param_items(params))
+        return run_id
 
     def url(self, experiment: str, run_id: str) -> str | None:
         """The run's page in the server's UI (none for a local store or a spooled run)."""
@@ -285,9 +288,7 @@ class Channel:
         key = {PIPELINE_TAG: pid, ROLE_TAG: "pipeline"}
         if found := self.find(experiment, key):
             return found
-        run_id = self.create_run(experiment, {**tags, **key}, run_name)
-        self.client.log_batch(run_id, params=param_items(params or {}))
-        return run_id
+        return self.create_run(experiment, {**tags, **key}, run_name, params or {})
 
     def resolve(self, record: lineage.Lineage) -> str:
         """The server run id behind a lineage record (looked up if it was deferred)."""
@@ -319,8 +320,8 @@ class Channel:
                 if run.data.tags.get(PIPELINE_TAG) in live:
                     report.skipped_live.append(spool_id)
                     continue
-                target = self._copy(spool, run, names[run.info.experiment_id], report)
-                report.replayed[spool_id] = target
+                target = report.replayed[spool_id] = self._copy(
+                    spool, run, names[run.info.experiment_id])
                 for version in spool.search_model_versions(f"run_id = '{spool_id}'"):
                     report.models_not_replayed.append(f"{version.name} v{version.version}")
                 spool.delete_run(spool_id)
@@ -332,7 +333,7 @@ class Channel:
                 self.pending.unlink(missing_ok=True)
         return report
 
-    def _copy(self, spool: Any, run: Any, experiment: str, report: ReplayReport) -> str:
+    def _copy(self, spool: Any, run: Any, experiment: str) -> str:
         """Copy one spooled run to the server: a parent run into its pipeline's parent, a
         stage run as a new child of it (or into the copy an interrupted replay made)."""
         from mlflow.entities import Param, RunTag
@@ -341,9 +342,8 @@ class Channel:
         tags = {k: v for k, v in run.data.tags.items() if k not in _NOT_COPIED}
         for key, value in list(tags.items()):  # a parent's stage runs named offline: spool:<id>
             ref = value.removeprefix("spool:")
-            if ref != value:  # replayed just now, or by an earlier replay
-                tags[key] = (report.replayed.get(ref)
-                             or self.find(experiment, {SPOOL_RUN_TAG: ref}) or value)
+            if ref != value:  # replayed just now (stage runs go first), or by an earlier replay
+                tags[key] = self.find(experiment, {SPOOL_RUN_TAG: ref}) or value
         pid = tags[PIPELINE_TAG]
         if tags.get(ROLE_TAG) == "pipeline":
             target = self.parent(experiment, pid, tags, run.info.run_name)

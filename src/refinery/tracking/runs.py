@@ -28,7 +28,6 @@ from refinery.tracking.channel import (
     OnUnreachable,
     TrackingUnavailable,
     flatten,
-    param_items,
     tag_items,
     ui_base,
     unreachable,
@@ -201,18 +200,16 @@ def stage_run(stage: str, params: Mapping[str, Any], *, experiment: str = "refin
         client.update_run(parent, status="RUNNING")
     tags = {ROLE_TAG: "stage", STAGE_TAG: stage, **context.tags(), "mlflow.parentRunId": parent,
             "refinery.dvc_lock_md5": dvc_lock_md5(workspace)}
-    run = StageRun(channel, channel.create_run(experiment, tags, stage))
-    client.log_batch(run.run_id, params=param_items(params))
+    run = StageRun(channel, channel.create_run(experiment, tags, stage, params))
     if url := channel.url(experiment, run.run_id):  # links that open MLflow's training view
         log.info("MLflow: stage run %s, pipeline run %s", url, channel.url(experiment, parent))
-    monitor = _system_metrics(channel, run.run_id, full_params) if system_metrics else None
+    interval_s = float(_configured(full_params, "system_metrics_s", 5.0))
     try:
-        yield run
-        _stop(monitor)
+        with _system_metrics(channel, run.run_id, interval_s if system_metrics else None):
+            yield run
         run.flush()
         client.set_terminated(run.run_id, status="FINISHED")
     except BaseException as exc:
-        _stop(monitor)
         if channel.live and unreachable(channel.uri):
             if type(exc).__module__.split(".")[0] in {"mlflow", "requests", "urllib3"}:
                 raise TrackingUnavailable(
@@ -243,29 +240,27 @@ def stage_run(stage: str, params: Mapping[str, Any], *, experiment: str = "refin
         log.warning("could not update the pipeline's parent run: %s", exc)
 
 
-def _system_metrics(channel: Channel, run_id: str, params: Mapping[str, Any] | None) -> Any:
-    """MLflow's own sampler (CPU, memory, disk, network; GPU when ``pynvml`` is
-    installed) on the server run. None while spooling: the samples would be lost."""
-    if not channel.live:
-        return None
+@contextlib.contextmanager
+def _system_metrics(channel: Channel, run_id: str, interval_s: float | None) -> Iterator[None]:
+    """Run MLflow's own sampler (CPU, memory, disk, network; GPU when ``pynvml`` is
+    installed) on the server run: not while spooling (the samples would be lost), nor
+    with no ``interval_s``. At the end it sends the last, partial interval too (MLflow
+    drops it, so a stage shorter than one interval would show none)."""
+    if not (channel.live and interval_s):
+        yield
+        return
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
     # MLflow logs "Started monitoring" at INFO, and "Skip logging GPU metrics" on every CPU box
     logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
-    monitor = SystemMetricsMonitor(run_id, tracking_uri=channel.uri, sampling_interval=float(
-        _configured(params, "system_metrics_s", 5.0)))
+    monitor = SystemMetricsMonitor(run_id, tracking_uri=channel.uri, sampling_interval=interval_s)
     monitor.start()
-    return monitor
-
-
-def _stop(monitor: Any) -> None:
-    """Stop sampling and send the last, partial interval too (MLflow drops it, so a stage
-    shorter than one interval would show none). A sampler never fails the stage."""
-    if monitor is not None:
-        with contextlib.suppress(Exception):
+    try:
+        yield
+    finally:
+        with contextlib.suppress(Exception):  # a sampler never fails the stage
             monitor.finish()
-            pending = monitor.aggregate_metrics()
-            if pending:
+            if pending := monitor.aggregate_metrics():
                 monitor.publish_metrics(pending)
                 monitor.mlflow_logger.flush()
 
@@ -375,21 +370,20 @@ def record_seeds(experiment: str, name: str, *, params: Mapping[str, Any],
     runs may have been spooled, and are then listed as ``missing``).
     """
     channel = Channel.open("fail", "recording the seeds")
-    client, exp_id = channel.client, channel.experiment(experiment)
+    client = channel.client
     run_id = channel.create_run(experiment, {
         ROLE_TAG: "seeds", "refinery.seeds_name": name,
         "refinery.dvc_experiments": ",".join(experiments),
-        "mlflow.source.git.commit": git_commit()}, f"seeds {name}")
-    client.log_batch(run_id, metrics=_metric_items(metrics), params=param_items(params))
+        "mlflow.source.git.commit": git_commit()}, f"seeds {name}", params)
+    client.log_batch(run_id, metrics=_metric_items(metrics))
     for artifact in artifacts:
         client.log_artifact(run_id, str(artifact), "seeds")
     children: dict[str, str] = {}
-    for dvc_experiment in experiments:
-        query = (f"tags.`{DVC_EXPERIMENT_TAG}` = '{dvc_experiment}' and "
-                 f"tags.`{ROLE_TAG}` = 'pipeline'")
-        for run in client.search_runs([exp_id], query):
-            client.set_tag(run.info.run_id, "mlflow.parentRunId", run_id)
-            children[dvc_experiment] = run.info.run_id
+    for dvc_experiment in experiments:  # its newest pipeline run (a rerun makes another)
+        pipeline = {DVC_EXPERIMENT_TAG: dvc_experiment, ROLE_TAG: "pipeline"}
+        if found := channel.find(experiment, pipeline):
+            client.set_tag(found, "mlflow.parentRunId", run_id)
+            children[dvc_experiment] = found
     client.set_terminated(run_id, status="FINISHED")
     return SeedsRecord(run_id, channel.url(experiment, run_id), children,
                        [e for e in experiments if e not in children])
