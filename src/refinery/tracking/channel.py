@@ -281,7 +281,7 @@ class Channel:
         found = self.client.search_runs([self.experiment(experiment)], query, max_results=1)
         return found[0].info.run_id if found else None
 
-    def parent(self, experiment: str, pid: str, tags: Mapping[str, str], run_name: str,
+    def parent(self, experiment: str, pid: str, tags: Mapping[str, Any], run_name: str,
                params: Mapping[str, Any] | None = None) -> str:
         """Find the parent run of pipeline execution ``pid``, or create it (with the full
         ``params``): the stages of one execution, and spool replay, share it."""

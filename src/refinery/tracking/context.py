@@ -48,15 +48,15 @@ def _dvc_launcher_id() -> str | None:
     ``dvc repro`` runs each stage as a child process; all stages of one repro
     share that ancestor, so its pid and start time name the execution.
     """
-    try:
-        import psutil
+    import psutil
 
+    try:
         for proc in psutil.Process().parents():
             with contextlib.suppress(psutil.AccessDenied, psutil.ZombieProcess):
                 words = [Path(part).name for part in proc.cmdline()[:3]]
                 if "dvc" in words or any(w.startswith("dvc") for w in words[:2]):
                     return f"dvc-{proc.pid}-{int(proc.create_time())}"
-    except Exception:  # psutil missing or /proc unreadable: no launcher id
+    except psutil.Error:  # /proc unreadable, or an ancestor gone: no launcher id
         return None
     return None
 
@@ -110,15 +110,15 @@ class RunContext:
         """An orchestrator (the flow) owns the parent's status; stages leave it alone."""
         return self.launcher == "prefect"
 
-    def tags(self) -> dict[str, str]:
-        tags = {PIPELINE_TAG: self.pipeline_id, "refinery.launcher": self.launcher,
+    def tags(self) -> dict[str, str | None]:
+        """The run tags that name this execution (None: unknown, left out of the run)."""
+        return {PIPELINE_TAG: self.pipeline_id, "refinery.launcher": self.launcher,
                 "refinery.dvc_experiment": self.dvc_experiment,
                 "refinery.dvc_baseline_rev": self.dvc_baseline_rev,
                 "refinery.prefect_flow_run_id": self.flow_run_id,
                 "refinery.prefect_flow_run_name": self.flow_run_name,
                 "refinery.prefect_flow_run_url": self.flow_run_url,
                 "mlflow.source.git.commit": git_commit()}
-        return {k: v for k, v in tags.items() if v}
 
     def parent_run_name(self) -> str:
         if self.flow_run_id:
