@@ -5,14 +5,24 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
-from pipeline_run import (  # noqa: F401  (session fixtures for every module)
+# Under xdist, one core's worth of intra-op threads per worker, for the worker and every
+# process it starts (stages, DVC, the session's pipeline run): torch's default, a thread per
+# core in *every* process, oversubscribes the cores and OpenMP's spin-waiting burns them.
+# Measured on the 2-core box, two `refinery evaluate` at once: 44.6 s with the default,
+# 29.3 s with one thread each. Set before anything here imports torch. (The main process's
+# environment is the workers' too, so only a worker can set this.)
+_workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+if _workers:
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // int(_workers)))
+
+import pytest  # noqa: E402  (after the thread count)
+from pipeline_run import (  # noqa: E402, F401  (session fixtures for every module)
     BUILD_TIMEOUT_S,
     pipeline_run,
     start_build,
     stop_build,
 )
-from servers import dvc_cache, mlflow_server, prefect_server  # noqa: F401
+from servers import dvc_cache, mlflow_server, prefect_server  # noqa: E402, F401
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_CIFAR = REPO.parent / "shared" / "datasets" / "cifar10-jpeg.tar.gz"
