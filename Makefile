@@ -23,8 +23,10 @@ pipeline: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 
 # Two workers: most of the suite waits on servers and single-threaded process start-up,
-# which overlap well even on two cores. The session's pipeline run is built once, in the
-# background, while the tests that do not read it run (tests/pipeline_run.py).
+# which overlap well even on two cores. Each worker, and every process it starts, gets
+# cores/workers torch threads (tests/conftest.py): more would oversubscribe the cores.
+# The session's pipeline run is built once, in the background, while the tests that do
+# not read it run (tests/pipeline_run.py).
 # TEST_WORKERS=0 runs everything in one process.
 TEST_WORKERS ?= 2
 
