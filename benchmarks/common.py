@@ -25,10 +25,11 @@ SHARED_SHA256 = "a20f75dab73b9c5c6f54e35c84da477e385f34a4615399fdbaef48b0e1e1c43
 
 def cifar_overrides(archive: Path = SHARED_CIFAR) -> dict[str, Any]:
     """The cifar10 profile, reading a CIFAR-10 JPEG image-folder archive from disk."""
-    from refinery.profiles import _flatten, profile_path
+    from refinery.mappings import flatten
+    from refinery.profiles import profile_path
     from refinery.stages.download.fetch import file_digests
 
-    overrides = _flatten(yaml.safe_load(profile_path("cifar10").read_text()))
+    overrides = flatten(yaml.safe_load(profile_path("cifar10").read_text()))
     digest = (SHARED_SHA256 if archive == SHARED_CIFAR
               else file_digests(archive)["sha256"])
     overrides.update({"download.source": "image-folder",

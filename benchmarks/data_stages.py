@@ -61,13 +61,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--archive", type=Path, default=ARCHIVE)
     args = parser.parse_args()
+    from refinery.mappings import flatten
     from refinery.params import apply_overrides, parse_params
-    from refinery.profiles import _flatten, profile_path
+    from refinery.profiles import profile_path
     from refinery.stages.download import download
     from refinery.stages.prepare import prepare
     from refinery.stages.validate import validate
 
-    overrides = _flatten(yaml.safe_load(profile_path("cifar10").read_text()))
+    overrides = flatten(yaml.safe_load(profile_path("cifar10").read_text()))
     overrides.update({"download.source": "image-folder",
                       "download.url": args.archive.resolve().as_uri(),
                       "download.checksum": f"sha256:{SHA256}"})

@@ -13,7 +13,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from refinery.tracking import PipelineRecord, flatten
+from refinery.mappings import flatten
+from refinery.tracking import PipelineRecord
 
 COMPARISON = Path("reports/evaluate/comparison.md")
 COMPARISON_STAGE = "evaluate"

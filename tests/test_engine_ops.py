@@ -140,11 +140,12 @@ def test_nt_xent_under_bf16_autocast_matches_fp32() -> None:
 def _cifar_params():
     import yaml
 
+    from refinery.mappings import flatten
     from refinery.params import apply_overrides, parse_params
-    from refinery.profiles import _flatten, profile_path
+    from refinery.profiles import profile_path
 
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    overrides = _flatten(yaml.safe_load(profile_path("cifar10").read_text()))
+    overrides = flatten(yaml.safe_load(profile_path("cifar10").read_text()))
     return parse_params(apply_overrides(raw, overrides))
 
 

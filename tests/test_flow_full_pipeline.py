@@ -20,8 +20,8 @@ from servers import REPO, children, parents
 
 from pipelines import dvcfile
 from pipelines.flow import SUMMARY_KEY
+from refinery.mappings import flatten
 from refinery.pipeline import MODELS
-from refinery.tracking import flatten
 
 pytestmark = pytest.mark.slow
 

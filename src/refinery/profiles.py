@@ -19,6 +19,7 @@ import yaml
 from ruamel.yaml import YAML
 
 from refinery import fsutil
+from refinery.mappings import flatten
 from refinery.params import Params, ParamsError, apply_overrides, parse_params
 
 PROFILE_DIR = Path(__file__).with_name("profiles")
@@ -48,16 +49,6 @@ def parse_assignments(assignments: list[str]) -> dict[str, Any]:
             raise ParamsError(f"{item!r}: expected key=value")
         overrides[key.strip()] = yaml.safe_load(value)
     return overrides
-
-
-def _flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in mapping.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def _flow(value: Any) -> Any:
@@ -104,12 +95,12 @@ def apply_profile(params_file: Path, profile: str | None,
         loaded = yaml.safe_load(profile_path(profile).read_text()) or {}
         if not isinstance(loaded, dict):
             raise ParamsError(f"profile {profile!r} is not a mapping of params")
-        overrides.update(_flatten(loaded))
+        overrides.update(flatten(loaded))
     overrides.update(parse_assignments(assignments or []))
     raw = yaml.safe_load(params_file.read_text()) or {}
-    before = _flatten(parse_params(raw, source=str(params_file)).to_dict())
+    before = flatten(parse_params(raw, source=str(params_file)).to_dict())
     params = parse_params(apply_overrides(raw, overrides), source=f"{params_file} + profile")
-    after = _flatten(params.to_dict())
+    after = flatten(params.to_dict())
     changes = [Change(key, before.get(key), after[key]) for key in after
                if before.get(key) != after[key]]
     round_trip = YAML()

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from refinery import fsutil, paths
+from refinery.mappings import flatten
 from refinery.params import Params
 
 
@@ -138,7 +139,6 @@ def finish(stage: Stage, run: Any, metrics: Mapping[str, Any], *,
     ``metrics`` may be nested one level (per model, for ``evaluate``): the
     headline keys are then taken from each group.
     """
-    from refinery import tracking
     from refinery.ranks import is_main_process
 
     if not is_main_process():
@@ -149,7 +149,7 @@ def finish(stage: Stage, run: Any, metrics: Mapping[str, Any], *,
         run.log_artifact(artifact)
     fsutil.write_json(paths.details_file(stage.name), dict(metrics))
     fsutil.write_json(stage.metrics_file, _headline(metrics, stage.headline))
-    run.log_metrics(tracking.flatten(metrics))
+    run.log_metrics(flatten(metrics))
     if paths.PREPARED in stage.outs:  # the stage that made the data sets names them now
         _log_datasets(stage, run)
     _log_models(stage, run)

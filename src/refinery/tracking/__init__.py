@@ -21,7 +21,7 @@ Modules: :mod:`.context` (who launched the execution, and what it ran on),
 :mod:`.runs` (stage, pipeline and seeds runs).
 """
 
-from refinery.tracking.channel import Channel, TrackingUnavailable, flatten, run_url, sync_spool
+from refinery.tracking.channel import Channel, TrackingUnavailable, run_url, sync_spool
 from refinery.tracking.context import FLOW_RUN_ID_ENV, PIPELINE_ID_ENV, RunContext, git_commit
 from refinery.tracking.runs import (
     DVC_EXPERIMENT_TAG,
@@ -38,6 +38,6 @@ from refinery.tracking.runs import (
 __all__ = [
     "DVC_EXPERIMENT_TAG", "FLOW_RUN_ID_ENV", "PIPELINE_ID_ENV", "Channel", "NullRun",
     "PipelineRecord", "RunContext", "SeedsRecord", "StageRun", "TrackingUnavailable",
-    "begin_pipeline", "end_pipeline", "flatten", "git_commit", "record_seeds", "run_url",
+    "begin_pipeline", "end_pipeline", "git_commit", "record_seeds", "run_url",
     "stage_run", "sync_spool",
 ]

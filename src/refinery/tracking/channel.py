@@ -30,6 +30,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from refinery import lineage
 from refinery.errors import TrackingError
+from refinery.mappings import flatten
 from refinery.tracking.context import PIPELINE_TAG, ROLE_TAG
 
 log = logging.getLogger(__name__)
@@ -107,17 +108,6 @@ def unreachable(uri: str, timeout_s: float = 5.0) -> str | None:
     except requests.RequestException as exc:
         return f"MLflow tracking server {base} is unreachable ({exc.__class__.__name__})"
     return f"MLflow tracking server {base} answered HTTP {status}" if status >= 500 else None
-
-
-def flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists and tuples stay values."""
-    flat: dict[str, Any] = {}
-    for key, value in mapping.items():
-        if isinstance(value, Mapping):
-            flat.update(flatten(value, prefix=f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def param_items(params: Mapping[str, Any]) -> list[Any]:

@@ -23,11 +23,11 @@ from pathlib import Path
 from typing import Any
 
 from refinery import lineage, paths
+from refinery.mappings import flatten
 from refinery.tracking.channel import (
     Channel,
     OnUnreachable,
     TrackingUnavailable,
-    flatten,
     tag_items,
     ui_base,
     unreachable,
