@@ -2,7 +2,8 @@
 
 Covers the run tree (parent + children, reused stages tagged with the run
 that produced them), lineage files, fail-fast on an unreachable server, the
-``defer`` spool and its replay, and a server lost in the middle of a stage
+``defer`` spool and its replay (which waits for a live writer process, not a killed
+one), and a server lost in the middle of a stage
 (a real TCP partition in front of the real server): the stage fails, records
 nothing, and the next stage runs once the server is back.
 """
@@ -173,6 +174,49 @@ def test_defer_spools_and_replays(mlflow_server: MlflowServer, workspace: Path,
     channel = tracking.Channel(uri=mlflow_server.uri)
     assert channel.resolve(record) == child.info.run_id
     assert tracking.sync_spool(uri=mlflow_server.uri).replayed == {}  # nothing left
+
+
+_WRITER = """
+import sys, time
+from refinery import tracking
+with tracking.stage_run("prepare", {"seed": 0}, on_unreachable="defer") as run:
+    run.log_metrics({"loss": 1.0}, step=0)
+    run.flush()
+    print(run.run_id, flush=True)
+    time.sleep(600)
+"""
+
+
+def test_replay_waits_for_a_writing_process_not_for_a_killed_one(
+        mlflow_server: MlflowServer, workspace: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A replay while another process still writes to the spool would copy half a run and
+    delete it under the writer: it sends nothing then. Once the writer is SIGKILLed (no
+    clean-up of its own), the kernel has dropped its lock and the next replay sends it."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
+    pid = _pipeline(monkeypatch)
+    writer = subprocess.Popen([sys.executable, "-c", _WRITER], cwd=workspace, text=True,
+                              stdout=subprocess.PIPE)
+    try:
+        assert writer.stdout is not None
+        spool_id = writer.stdout.readline().strip()
+        assert spool_id, "the writer process did not start its spooled run"
+        busy = tracking.sync_spool(uri=mlflow_server.uri)
+        assert busy.busy and busy.replayed == {}
+        assert "another process is writing to the spool" in str(busy)
+    finally:
+        writer.kill()
+        writer.wait(timeout=60)
+
+    report = tracking.sync_spool(uri=mlflow_server.uri)
+    assert not report.busy and spool_id in report.replayed
+    client = mlflow_server.client()
+    (parent,) = [p for p in parents(client) if p.data.tags["refinery.pipeline_id"] == pid]
+    child = children(client, parent.info.run_id)["prepare"]
+    assert child.info.run_id == report.replayed[spool_id]
+    assert child.info.status == "RUNNING"  # as the killed writer left it, not made up
+    assert [m.value for m in client.get_metric_history(child.info.run_id, "loss")] == [1.0]
+    assert tracking.sync_spool(uri=mlflow_server.uri).replayed == {}
 
 
 def test_server_lost_mid_stage_fails_the_stage_and_records_nothing(

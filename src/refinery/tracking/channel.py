@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import shutil
-import socket
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -48,9 +47,9 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
 OnUnreachable = Literal["fail", "defer"]
 DEFERRED_TAG = "refinery.deferred"  # on a run logged to the spool
 SPOOL_ENV = "REFINERY_TRACKING_SPOOL"
+WRITERS_LOCK = ".writers.lock"  # in the spool: writers share it, a replay takes it alone
 SPOOL_RUN_TAG = "refinery.spool_run"  # on a replayed server run: its id in the spool
-PROCESS_TAG = "refinery.process"  # host:pid:start of the process that wrote a spool run
-_NOT_COPIED = {"mlflow.parentRunId", PROCESS_TAG}
+_NOT_COPIED = {"mlflow.parentRunId"}
 
 
 class TrackingUnavailable(TrackingError):
@@ -124,37 +123,18 @@ def tag_items(tags: Mapping[str, Any]) -> list[Any]:
     return [RunTag(k, str(v)) for k, v in tags.items()]
 
 
-def process_id(pid: int | None = None) -> str | None:
-    """``host:pid:start`` of a live process (default: this one), or None: names a
-    writer even if its pid is reused later."""
-    import psutil
-
-    try:
-        proc = psutil.Process(pid)
-        return f"{socket.gethostname()}:{proc.pid}:{int(proc.create_time())}"
-    except psutil.Error:
-        return None
-
-
-def _other_writer_alive(process: str) -> bool:
-    """Is another live process of this host still writing the run? (Ours is not
-    "another": a replay runs between our own writes, never during one.)"""
-    pid = process.split(":")[1] if process.count(":") == 2 else ""
-    return pid.isdigit() and process != process_id() and process_id(int(pid)) == process
-
-
 @dataclass
 class ReplayReport:
     """What a replay sent: spool run id -> server run id, and what it had to skip."""
 
     replayed: dict[str, str] = field(default_factory=dict)
-    skipped_live: list[str] = field(default_factory=list)
+    busy: bool = False  # another process was writing to the spool: nothing replayed yet
     models_not_replayed: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         parts = [f"{len(self.replayed)} run(s) replayed"]
-        if self.skipped_live:
-            parts.append(f"{len(self.skipped_live)} still being written (left for later)")
+        if self.busy:
+            parts.append("another process is writing to the spool (left for later)")
         if self.models_not_replayed:
             parts.append("model versions left in the spool store: "
                          + ", ".join(self.models_not_replayed))
@@ -226,8 +206,10 @@ class Channel:
 
         if self.target.startswith("sqlite:///"):
             Path(self.target.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        if not self.live:
+        if not self.live:  # held while this process may write to the spool (see replay)
             self.pending.touch()
+            self._writing = open(self.spool_dir / WRITERS_LOCK, "a+")  # noqa: SIM115
+            fcntl.lockf(self._writing, fcntl.LOCK_SH)
         return MlflowClient(tracking_uri=self.target)
 
     def experiment(self, name: str) -> str:
@@ -253,8 +235,8 @@ class Channel:
     def create_run(self, experiment: str, tags: Mapping[str, Any], run_name: str,
                    params: Mapping[str, Any]) -> str:
         """A new run with ``params``, and the tags that have a value."""
-        if not self.live:  # the writer's id: a replay leaves the runs of live writers alone
-            tags = {**tags, DEFERRED_TAG: "true", PROCESS_TAG: process_id()}
+        if not self.live:
+            tags = {**tags, DEFERRED_TAG: "true"}
         run_id = self.client.create_run(self.experiment(experiment), run_name=run_name, tags={
             k: str(v) for k, v in tags.items() if v}).info.run_id
         self.client.log_batch(run_id, params=param_items(params))
@@ -291,25 +273,27 @@ class Channel:
 
         Runs spooled by several stages (or processes) of one execution land under
         the one server parent of their pipeline (:meth:`parent`). Stage runs go
-        first, so that the parents' tags can name their server ids. Runs of an
-        execution whose writer process is still alive wait for a later replay.
+        first, so that the parents' tags can name their server ids. While another
+        process writes to the spool (it holds a POSIX read lock, which the kernel
+        drops when that process ends, even killed), nothing is replayed: a later
+        replay sends it all. This process's own lock never blocks it: a replay
+        runs between our own writes, never during one.
         """
         from mlflow.tracking import MlflowClient
 
         report = ReplayReport()
         spool = MlflowClient(tracking_uri=self.spool_uri, registry_uri=self.spool_uri)
-        with open(self.spool_dir / ".replay.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # one replay at a time; closing releases it
+        with open(self.spool_dir / WRITERS_LOCK, "a+") as lock:
+            try:  # one replay at a time, and no other writer; closing releases it
+                fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                report.busy = True
+                return report
             names = {e.experiment_id: e.name for e in spool.search_experiments()}
             runs = spool.search_runs(list(names), max_results=50_000,
                                      order_by=["attributes.start_time ASC"])
-            live = {r.data.tags.get(PIPELINE_TAG) for r in runs if r.info.status == "RUNNING"
-                    and _other_writer_alive(r.data.tags.get(PROCESS_TAG, ""))}
             for run in sorted(runs, key=lambda r: r.data.tags.get(ROLE_TAG) == "pipeline"):
                 spool_id = run.info.run_id
-                if run.data.tags.get(PIPELINE_TAG) in live:
-                    report.skipped_live.append(spool_id)
-                    continue
                 target = report.replayed[spool_id] = self._copy(
                     spool, run, names[run.info.experiment_id])
                 for version in spool.search_model_versions(f"run_id = '{spool_id}'"):
