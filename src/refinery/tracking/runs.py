@@ -1,12 +1,10 @@
 """Stage runs, the parent run of a pipeline execution, and the multi-seed run.
 
-Stages never import mlflow: they log through the :class:`StageRun` that
-:func:`stage_run` opens. The parent run (``refinery.role=pipeline``) carries
-the full params, the git commit, the ``dvc.lock`` hash, each stage's metrics as
-``<stage>.<metric>``, the evaluation's headline metrics, the data sets, and per
-stage ``refinery.stage.<name>`` = the run that produced its current outputs
-with ``refinery.stage.<name>.state`` = ``executed`` or ``reused`` (read from
-``lineage/<stage>.json``).
+The parent run (``refinery.role=pipeline``) carries the full params, the git commit,
+the ``dvc.lock`` hash, each stage's metrics as ``<stage>.<metric>``, the evaluation's
+headline metrics, the data sets, and per stage ``refinery.stage.<name>`` = the run
+that produced its current outputs with ``refinery.stage.<name>.state`` = ``executed``
+or ``reused`` (read from ``lineage/<stage>.json``).
 """
 
 from __future__ import annotations
