@@ -25,7 +25,7 @@ SHARED_SHA256 = "a20f75dab73b9c5c6f54e35c84da477e385f34a4615399fdbaef48b0e1e1c43
 
 def cifar_overrides(archive: Path = SHARED_CIFAR) -> dict[str, Any]:
     """The cifar10 profile, reading a CIFAR-10 JPEG image-folder archive from disk."""
-    from refinery.mappings import flatten
+    from refinery.params import flatten
     from refinery.profiles import profile_path
     from refinery.stages.download.fetch import file_digests
 

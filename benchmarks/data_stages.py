@@ -61,8 +61,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--archive", type=Path, default=ARCHIVE)
     args = parser.parse_args()
-    from refinery.mappings import flatten
-    from refinery.params import apply_overrides, parse_params
+    from refinery.params import apply_overrides, flatten, parse_params
     from refinery.profiles import profile_path
     from refinery.stages.download import download
     from refinery.stages.prepare import prepare

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from refinery.mappings import flatten
+from refinery.params import flatten
 from refinery.tracking import PipelineRecord
 
 COMPARISON = Path("reports/evaluate/comparison.md")

@@ -140,8 +140,7 @@ def test_nt_xent_under_bf16_autocast_matches_fp32() -> None:
 def _cifar_params():
     import yaml
 
-    from refinery.mappings import flatten
-    from refinery.params import apply_overrides, parse_params
+    from refinery.params import apply_overrides, flatten, parse_params
     from refinery.profiles import profile_path
 
     raw = yaml.safe_load((REPO / "params.yaml").read_text())

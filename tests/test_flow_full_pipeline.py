@@ -20,7 +20,7 @@ from servers import REPO, children, parents
 
 from pipelines import dvcfile
 from pipelines.flow import SUMMARY_KEY
-from refinery.mappings import flatten
+from refinery.params import flatten
 from refinery.pipeline import MODELS
 
 pytestmark = pytest.mark.slow

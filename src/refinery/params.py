@@ -9,6 +9,7 @@ values *before* any work starts, with a message that names the key
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -17,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from refinery.errors import ParamsError
 
-__all__ = ["Params", "ParamsError", "apply_overrides", "load_params", "parse_params"]
+__all__ = ["Params", "ParamsError", "apply_overrides", "flatten", "load_params", "parse_params"]
 
 DEFAULT_PARAMS_FILE = Path("params.yaml")
 
@@ -573,3 +574,16 @@ def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str,
             node = child
         node[parts[-1]] = value
     return result
+
+
+def flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """The inverse of :func:`apply_overrides`' keys, ``{"a": {"b": 1}}`` -> ``{"a.b": 1}``:
+    the one name a value has in overrides, profiles, MLflow params and metrics, reports.
+    Lists and tuples stay values."""
+    flat: dict[str, Any] = {}
+    for key, value in mapping.items():
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, prefix=f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat

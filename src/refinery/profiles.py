@@ -19,8 +19,7 @@ import yaml
 from ruamel.yaml import YAML
 
 from refinery import fsutil
-from refinery.mappings import flatten
-from refinery.params import Params, ParamsError, apply_overrides, parse_params
+from refinery.params import Params, ParamsError, apply_overrides, flatten, parse_params
 
 PROFILE_DIR = Path(__file__).with_name("profiles")
 

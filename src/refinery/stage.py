@@ -28,8 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from refinery import fsutil, paths
-from refinery.mappings import flatten
-from refinery.params import Params
+from refinery.params import Params, flatten
 
 
 @dataclass(frozen=True)

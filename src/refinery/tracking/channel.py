@@ -29,7 +29,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from refinery import lineage
 from refinery.errors import TrackingError
-from refinery.mappings import flatten
+from refinery.params import flatten
 from refinery.tracking.context import PIPELINE_TAG, ROLE_TAG
 
 log = logging.getLogger(__name__)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from refinery import lineage, paths
-from refinery.mappings import flatten
+from refinery.params import flatten
 from refinery.tracking.channel import (
     Channel,
     OnUnreachable,
