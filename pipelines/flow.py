@@ -133,9 +133,9 @@ def _save_experiment(context: tracking.RunContext, started: tracking.PipelineRec
     """A run with overrides is a DVC experiment too (``dvc exp show`` lists it with its
     params and metrics): named after the flow run, its message names the MLflow parent,
     and the parent is tagged with its name."""
-    name = experiment_name(context.flow_run_name, context.flow_run_id or "")
-    message = (f"Prefect flow run {context.flow_run_id} ({context.flow_run_name}); "
-               f"MLflow run {started.parent_run_id}")
+    name = experiment_name(context.prefect_flow_run_name, context.prefect_flow_run_id or "")
+    message = (f"Prefect flow run {context.prefect_flow_run_id} "
+               f"({context.prefect_flow_run_name}); MLflow run {started.parent_run_id}")
     save_experiment(root, name, message, plan)
     logger.info("DVC experiment %s (dvc exp show)", name)
     return {tracking.DVC_EXPERIMENT_TAG: name,

@@ -1,16 +1,10 @@
 """Where records go: the tracking server, or the local spool.
 
-The store's location (a repository's ``mlflow/``, or ``MLFLOW_TRACKING_URI``),
-the UI address for links, and the health check behind
-``tracking.on_unreachable``. The choice between server and spool is made once,
-when the channel opens (:meth:`Channel.open`), as the package's docstring says.
-The spool (``mlflow/spool/``, git-ignored) is a real MLflow store (sqlite +
-files) rather than a private journal: every logging call behaves as it would
-against the server (artifacts are copied at log time), and ``mlflow ui`` can
-browse it. :meth:`Channel.replay` copies its runs to the server (params, tags,
-full metric histories, artifacts, final status) as new runs tagged
-``refinery.spool_run=<spool id>``, under the server's parent of their pipeline
-id.
+The spool (``mlflow/spool/``, git-ignored) is a real MLflow store (sqlite + files),
+not a private journal: every logging call behaves as it would against the server
+(artifacts are copied at log time), and ``mlflow ui`` can browse it.
+:meth:`Channel.replay` copies its runs to the server as new runs tagged
+``refinery.spool_run=<spool id>``, under the server's parent of their pipeline id.
 """
 from __future__ import annotations
 
@@ -107,14 +101,6 @@ def unreachable(uri: str, timeout_s: float = 5.0) -> str | None:
     except requests.RequestException as exc:
         return f"MLflow tracking server {base} is unreachable ({exc.__class__.__name__})"
     return f"MLflow tracking server {base} answered HTTP {status}" if status >= 500 else None
-
-
-def param_items(params: Mapping[str, Any]) -> list[Any]:
-    """Flattened params for ``log_batch``; lists as JSON, so they read as in params.yaml."""
-    from mlflow.entities import Param
-
-    return [Param(k, json.dumps(v) if isinstance(v, list | tuple | dict) else str(v))
-            for k, v in flatten(params).items()]
 
 
 def tag_items(tags: Mapping[str, Any]) -> list[Any]:
@@ -215,31 +201,33 @@ class Channel:
     def experiment(self, name: str) -> str:
         """The experiment's id in :attr:`target`, created if new; tagged as model training,
         not GenAI (an experiment made before the tag too)."""
-        if name in self._experiments:
-            return self._experiments[name]
-        found = self.client.get_experiment_by_name(name)
-        if found is None:
-            try:
-                self._experiments[name] = self.client.create_experiment(
-                    name, artifact_location(self.target), tags=EXPERIMENT_KIND)
-                return self._experiments[name]
-            except Exception:  # created concurrently by another stage
-                if (found := self.client.get_experiment_by_name(name)) is None:
-                    raise
-        for key, value in EXPERIMENT_KIND.items():
-            if found.tags.get(key) != value:
-                self.client.set_experiment_tag(found.experiment_id, key, value)
-        self._experiments[name] = found.experiment_id
-        return found.experiment_id
+        if name not in self._experiments:
+            if self.client.get_experiment_by_name(name) is None:
+                try:
+                    self.client.create_experiment(name, artifact_location(self.target),
+                                                  tags=EXPERIMENT_KIND)
+                except Exception:  # created concurrently by another stage, or a real error
+                    if self.client.get_experiment_by_name(name) is None:
+                        raise
+            found = self.client.get_experiment_by_name(name)
+            for key, value in EXPERIMENT_KIND.items():
+                if found.tags.get(key) != value:
+                    self.client.set_experiment_tag(found.experiment_id, key, value)
+            self._experiments[name] = found.experiment_id
+        return self._experiments[name]
 
     def create_run(self, experiment: str, tags: Mapping[str, Any], run_name: str,
                    params: Mapping[str, Any]) -> str:
-        """A new run with ``params``, and the tags that have a value."""
+        """A new run with ``params`` (flattened), and the tags that have a value."""
+        from mlflow.entities import Param
+
         if not self.live:
             tags = {**tags, DEFERRED_TAG: "true"}
         run_id = self.client.create_run(self.experiment(experiment), run_name=run_name, tags={
             k: str(v) for k, v in tags.items() if v}).info.run_id
-        self.client.log_batch(run_id, params=param_items(params))
+        self.client.log_batch(run_id, params=[  # lists as JSON, so they read as in params.yaml
+            Param(k, json.dumps(v) if isinstance(v, list | tuple | dict) else str(v))
+            for k, v in flatten(params).items()])
         return run_id
 
     def url(self, experiment: str, run_id: str) -> str | None:

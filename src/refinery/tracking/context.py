@@ -1,9 +1,9 @@
 """Who launched a pipeline execution, and what it ran on.
 
-:class:`RunContext`: the ids that tie the stages of one pipeline execution
-together (set by DVC and by the Prefect flow in the stage processes'
-environment), and the tags that name them on its runs; the git commit and the
-``dvc.lock`` hash.
+:class:`RunContext` holds the ids that tie the stages of one execution together. Each
+field is the run tag ``refinery.<field>``; the flow hands the pipeline and Prefect ids
+to its stage processes as ``REFINERY_<FIELD>`` environment variables, and DVC sets
+its own.
 """
 
 from __future__ import annotations
@@ -13,17 +13,17 @@ import hashlib
 import os
 import subprocess
 import uuid
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 PIPELINE_ID_ENV = "REFINERY_PIPELINE_ID"
 FLOW_RUN_ID_ENV = "REFINERY_PREFECT_FLOW_RUN_ID"
-FLOW_RUN_NAME_ENV = "REFINERY_PREFECT_FLOW_RUN_NAME"
-FLOW_RUN_URL_ENV = "REFINERY_PREFECT_FLOW_RUN_URL"
 PIPELINE_TAG = "refinery.pipeline_id"
 ROLE_TAG = "refinery.role"  # pipeline | stage | seeds
 STAGE_TAG = "refinery.stage"
+_PASSED_ON = ("pipeline_id", "prefect_flow_run_id", "prefect_flow_run_name",
+              "prefect_flow_run_url")  # the fields the flow's stage processes inherit
 
 
 def git_commit(cwd: Path | None = None) -> str | None:
@@ -43,11 +43,8 @@ def dvc_lock_md5(workspace: Path | None = None) -> str | None:
 
 
 def _dvc_launcher_id() -> str | None:
-    """Identify the ``dvc`` process that launched this stage, if any.
-
-    ``dvc repro`` runs each stage as a child process; all stages of one repro
-    share that ancestor, so its pid and start time name the execution.
-    """
+    """The ``dvc`` process that launched this stage: all stages of one ``dvc repro`` are
+    its children, so its pid and start time name the execution."""
     import psutil
 
     try:
@@ -69,41 +66,35 @@ class RunContext:
     launcher: str  # prefect | dvc-exp | dvc | env | cli
     dvc_experiment: str | None = None
     dvc_baseline_rev: str | None = None
-    flow_run_id: str | None = None
-    flow_run_name: str | None = None
-    flow_run_url: str | None = None
+    prefect_flow_run_id: str | None = None
+    prefect_flow_run_name: str | None = None
+    prefect_flow_run_url: str | None = None
 
     @classmethod
     def from_env(cls) -> RunContext:
         """The context of a stage process (set by DVC and by the Prefect flow)."""
         env = os.environ
-        explicit = env.get(PIPELINE_ID_ENV)
-        launcher_id = None if explicit else _dvc_launcher_id()
+        given = {key: env.get(f"REFINERY_{key.upper()}") or None for key in _PASSED_ON}
+        launcher_id = None if given["pipeline_id"] else _dvc_launcher_id()
         experiment = env.get("DVC_EXP_NAME") or None
-        flow_run = env.get(FLOW_RUN_ID_ENV) or None
-        launcher = ("prefect" if flow_run else "dvc-exp" if experiment else
-                    "dvc" if launcher_id else "env" if explicit else "cli")
-        return cls(
-            pipeline_id=explicit or launcher_id or f"single-{uuid.uuid4().hex[:12]}",
-            launcher=launcher,
-            dvc_experiment=experiment,
-            dvc_baseline_rev=env.get("DVC_EXP_BASELINE_REV") or None,
-            flow_run_id=flow_run,
-            flow_run_name=env.get(FLOW_RUN_NAME_ENV) or None,
-            flow_run_url=env.get(FLOW_RUN_URL_ENV) or None,
-        )
+        launcher = ("prefect" if given["prefect_flow_run_id"] else "dvc-exp" if experiment
+                    else "dvc" if launcher_id else "env" if given["pipeline_id"] else "cli")
+        given["pipeline_id"] = (given["pipeline_id"] or launcher_id
+                                or f"single-{uuid.uuid4().hex[:12]}")
+        return cls(launcher=launcher, dvc_experiment=experiment,
+                   dvc_baseline_rev=env.get("DVC_EXP_BASELINE_REV") or None, **given)
 
     @classmethod
     def for_prefect(cls, flow_run_id: str, name: str | None = None,
                     url: str | None = None) -> RunContext:
         return cls(pipeline_id=f"prefect-{flow_run_id}", launcher="prefect",
-                   flow_run_id=flow_run_id, flow_run_name=name, flow_run_url=url)
+                   prefect_flow_run_id=flow_run_id, prefect_flow_run_name=name,
+                   prefect_flow_run_url=url)
 
     def env(self) -> dict[str, str]:
         """Environment for the stage processes of this execution (the flow sets it)."""
-        values = {PIPELINE_ID_ENV: self.pipeline_id, FLOW_RUN_ID_ENV: self.flow_run_id,
-                  FLOW_RUN_NAME_ENV: self.flow_run_name, FLOW_RUN_URL_ENV: self.flow_run_url}
-        return {k: v for k, v in values.items() if v}
+        values = asdict(self)
+        return {f"REFINERY_{key.upper()}": values[key] for key in _PASSED_ON if values[key]}
 
     @property
     def orchestrated(self) -> bool:
@@ -112,17 +103,12 @@ class RunContext:
 
     def tags(self) -> dict[str, str | None]:
         """The run tags that name this execution (None: unknown, left out of the run)."""
-        return {PIPELINE_TAG: self.pipeline_id, "refinery.launcher": self.launcher,
-                "refinery.dvc_experiment": self.dvc_experiment,
-                "refinery.dvc_baseline_rev": self.dvc_baseline_rev,
-                "refinery.prefect_flow_run_id": self.flow_run_id,
-                "refinery.prefect_flow_run_name": self.flow_run_name,
-                "refinery.prefect_flow_run_url": self.flow_run_url,
+        return {**{f"refinery.{key}": value for key, value in asdict(self).items()},
                 "mlflow.source.git.commit": git_commit()}
 
     def parent_run_name(self) -> str:
-        if self.flow_run_id:
-            return f"prefect {self.flow_run_name or self.flow_run_id[:8]}"
+        if self.prefect_flow_run_id:
+            return f"prefect {self.prefect_flow_run_name or self.prefect_flow_run_id[:8]}"
         if self.dvc_experiment:
             return f"exp {self.dvc_experiment}"
         stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M")
