@@ -231,7 +231,7 @@ def stage_run(stage: str, params: Mapping[str, Any], *, experiment: str = "refin
         spool_run_id=run.run_id if deferred else None, deferred=deferred,
         finished_at=lineage.Lineage.now(), models=dict(run.models)), workspace)
     try:  # the outputs are written by now: a failure here is logged, never raised
-        _record(channel, context, parent, recorded or [stage], roles, workspace)
+        _record(channel, experiment, context, parent, recorded or [stage], roles, workspace)
         if not context.orchestrated:
             client.set_terminated(parent, status="FINISHED")
     except Exception as exc:
@@ -271,7 +271,7 @@ class StageRecord:
     stage: str
     run_id: str
     state: str  # executed | reused | failed
-    url: str | None = None
+    url: str | None  # its page in the server's UI
 
 
 @dataclass
@@ -286,8 +286,8 @@ class PipelineRecord:
     stages: list[StageRecord] = field(default_factory=list)
 
 
-def _record(channel: Channel, context: RunContext, parent: str, stages: Sequence[str],
-            roles: Sequence[tuple[str, str]], workspace: Path,
+def _record(channel: Channel, experiment: str, context: RunContext, parent: str,
+            stages: Sequence[str], roles: Sequence[tuple[str, str]], workspace: Path,
             tags: Mapping[str, str] | None = None) -> list[StageRecord]:
     """Tag the parent with ``stages`` (the run behind each one's outputs, executed by this
     execution or reused), their metrics, the data sets they read (``roles``), and ``tags``.
@@ -301,8 +301,9 @@ def _record(channel: Channel, context: RunContext, parent: str, stages: Sequence
     for stage in stages:
         record = lineage.read(stage, workspace)
         if record is not None:
-            run = StageRecord(stage, channel.resolve(record), "executed"
-                              if record.pipeline_id == context.pipeline_id else "reused")
+            run_id = channel.resolve(record)
+            run = StageRecord(stage, run_id, "executed" if record.pipeline_id ==
+                              context.pipeline_id else "reused", channel.url(experiment, run_id))
             records.append(run)
             tags |= {f"refinery.stage.{stage}": run.run_id, f"refinery.stage.{stage}.state":
                      run.state}
@@ -342,10 +343,8 @@ def end_pipeline(context: RunContext, params: Mapping[str, Any], stages: Sequenc
     experiment = _configured(params, "experiment", "refinery")
     channel = Channel.open("defer", "recording the pipeline", root=workspace)
     parent = _parent(channel, experiment, context, params)
-    records = _record(channel, context, parent, stages, roles, workspace, tags)
+    records = _record(channel, experiment, context, parent, stages, roles, workspace, tags)
     channel.client.set_terminated(parent, status="FAILED" if failed else "FINISHED")
-    for record in records:
-        record.url = channel.url(experiment, record.run_id)
     return PipelineRecord(context.pipeline_id, experiment, parent,
                           channel.url(experiment, parent), not channel.live, records)
 
