@@ -3,8 +3,9 @@
 The spool (``mlflow/spool/``, git-ignored) is a real MLflow store (sqlite + files),
 not a private journal: every logging call behaves as it would against the server
 (artifacts are copied at log time), and ``mlflow ui`` can browse it.
-:meth:`Channel.replay` copies its runs to the server as new runs tagged
-``refinery.spool_run=<spool id>``, under the server's parent of their pipeline id.
+:meth:`Channel.replay` copies its runs to the server (params, tags, full metric
+histories, artifacts, final status) as new runs tagged ``refinery.spool_run=<spool id>``,
+under the server's parent of their pipeline id.
 """
 from __future__ import annotations
 
