@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import requests
 from pipeline_run import PipelineRun
-from servers import REPO, VIEWER, PrefectServer, tool_env
+from servers import PIPELINE_USER, REPO, VIEWER, PrefectServer, tool_env
 
 from refinery import lineage
 from refinery.pipeline import MODELS, STAGES
@@ -86,6 +86,9 @@ def test_the_pipeline_logged_into_postgresql(pipeline_run: PipelineRun) -> None:
         status = database.sql(f"SELECT status FROM runs WHERE run_uuid = '{record.run_id}'",
                               "mlflow")
         assert status == "FINISHED", stage.name
+        user = database.sql("SELECT value FROM tags WHERE key = 'mlflow.user' AND "
+                            f"run_uuid = '{record.run_id}'", "mlflow")
+        assert user == PIPELINE_USER, stage.name  # the signed-in user, from MLflow's own tags
     logged = int(database.sql("SELECT count(*) FROM logged_models", "mlflow"))
     assert logged >= len(MODELS)
     aliases = database.sql("SELECT alias FROM registered_model_aliases", "mlflow").split()

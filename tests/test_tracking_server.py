@@ -82,6 +82,9 @@ def test_run_tree_lineage_and_reuse(mlflow_server: MlflowServer, workspace: Path
     assert {k: r.info.run_id for k, r in kids.items()} == {"download": download_id,
                                                            "validate": validate_id}
     assert all(r.info.status == "FINISHED" for r in kids.values())
+    source = kids["download"].data.tags  # MLflow's own source tags, as start_run sets them
+    assert source["mlflow.user"] and source["mlflow.source.type"] == "LOCAL"
+    assert source["mlflow.source.name"] and parent.data.tags["mlflow.user"]
     assert len(client.get_metric_history(download_id, "loss")) == 3
     assert [a.path for a in client.list_artifacts(download_id, "reports")] == [
         "reports/report.txt"]

@@ -1,11 +1,8 @@
 """Where records go: the tracking server, or the local spool.
 
-The spool (``mlflow/spool/``, git-ignored) is a real MLflow store (sqlite + files),
-not a private journal: every logging call behaves as it would against the server
-(artifacts are copied at log time), and ``mlflow ui`` can browse it.
-:meth:`Channel.replay` copies its runs to the server (params, tags, full metric
-histories, artifacts, final status) as new runs tagged ``refinery.spool_run=<spool id>``,
-under the server's parent of their pipeline id.
+The spool (``mlflow/spool/``, git-ignored) is a real MLflow store (sqlite + files), so
+logging behaves as against the server and ``mlflow ui`` can browse it. What a replay
+copies, and when it waits: mlflow/README.md ("When the server is unreachable").
 """
 from __future__ import annotations
 
@@ -119,13 +116,10 @@ class ReplayReport:
     models_not_replayed: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
-        parts = [f"{len(self.replayed)} run(s) replayed"]
-        if self.busy:
-            parts.append("another process is writing to the spool (left for later)")
-        if self.models_not_replayed:
-            parts.append("model versions left in the spool store: "
-                         + ", ".join(self.models_not_replayed))
-        return "; ".join(parts)
+        busy = "; another process is writing to the spool (left for later)" if self.busy else ""
+        models = ", ".join(self.models_not_replayed)
+        return (f"{len(self.replayed)} run(s) replayed{busy}"
+                + (f"; model versions left in the spool store: {models}" if models else ""))
 
 
 class Channel:
@@ -136,8 +130,7 @@ class Channel:
     def __init__(self, uri: str | None = None, root: Path | None = None) -> None:
         root = root or store_root()
         self.uri = uri or tracking_uri(root)
-        configured = os.environ.get(SPOOL_ENV)
-        self.spool_dir = Path(configured).resolve() if configured else root / "mlflow" / "spool"
+        self.spool_dir = Path(os.environ.get(SPOOL_ENV) or root / "mlflow" / "spool").resolve()
         self.spool_uri = f"sqlite:///{self.spool_dir / 'spool.db'}"
         self.pending = self.spool_dir / "PENDING"
         self.live = True
@@ -219,13 +212,16 @@ class Channel:
 
     def create_run(self, experiment: str, tags: Mapping[str, Any], run_name: str,
                    params: Mapping[str, Any]) -> str:
-        """A new run with ``params`` (flattened), and the tags that have a value."""
+        """A new run with ``params`` (flattened), the tags that have a value, and MLflow's
+        own source tags (user, entry point, git), as its fluent ``start_run`` would add."""
         from mlflow.entities import Param
+        from mlflow.tracking.context.registry import resolve_tags
 
         if not self.live:
             tags = {**tags, DEFERRED_TAG: "true"}
-        run_id = self.client.create_run(self.experiment(experiment), run_name=run_name, tags={
-            k: str(v) for k, v in tags.items() if v}).info.run_id
+        run_id = self.client.create_run(self.experiment(experiment), run_name=run_name,
+                                        tags=resolve_tags({k: str(v) for k, v in tags.items()
+                                                           if v})).info.run_id
         self.client.log_batch(run_id, params=[  # lists as JSON, so they read as in params.yaml
             Param(k, json.dumps(v) if isinstance(v, list | tuple | dict) else str(v))
             for k, v in flatten(params).items()])
