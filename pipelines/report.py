@@ -8,24 +8,16 @@ links to the MLflow runs (parent and one per stage, executed or reused).
 
 from __future__ import annotations
 
-import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from refinery import fsutil, paths
 from refinery.params import flatten
 from refinery.tracking import PipelineRecord
 
 COMPARISON = Path("reports/evaluate/comparison.md")
 COMPARISON_STAGE = "evaluate"
-
-
-def _metrics(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return flatten(data) if isinstance(data, Mapping) else {}
 
 
 def _fmt(value: Any) -> str:
@@ -44,7 +36,7 @@ def stage_metrics_table(workspace: Path, stages: Sequence[str],
     rows = ["| stage | state | MLflow run | metrics |", "| --- | --- | --- | --- |"]
     for stage in stages:
         info = states.get(stage)
-        values = _metrics(workspace / "metrics" / f"{stage}.json")
+        values = flatten(fsutil.read_json_object(workspace / paths.metrics_file(stage)))
         shown = ", ".join(f"{k}={_fmt(v)}" for k, v in sorted(values.items())) or "-"
         run = _link(info.run_id[:12], info.url) if info else "-"
         rows.append(f"| {stage} | {info.state if info else 'not run'} | {run} | {shown} |")

@@ -89,6 +89,16 @@ def write_json(target: str | os.PathLike[str], obj: Any) -> Path:
     return write_text(target, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
+def read_json_object(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A JSON file's object, or ``{}`` if it is missing, unreadable or not an object: for
+    reports and run records that show what a stage left, never fail for what it did not."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 @contextlib.contextmanager
 def atomic_dir(target: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a fresh temporary directory that replaces ``target`` on success.

@@ -1,10 +1,7 @@
 """Stage runs, the parent run of a pipeline execution, and the multi-seed run.
 
-The parent run (``refinery.role=pipeline``) carries the full params, the git commit,
-the ``dvc.lock`` hash, each stage's metrics as ``<stage>.<metric>``, the evaluation's
-headline metrics, the data sets, and per stage ``refinery.stage.<name>`` = the run
-that produced its current outputs with ``refinery.stage.<name>.state`` = ``executed``
-or ``reused`` (read from ``lineage/<stage>.json``).
+What the parent carries (params, commit, each stage's metrics and the run behind its
+outputs, executed or reused): README.md's table under "The MLflow run tree".
 """
 
 from __future__ import annotations
@@ -20,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from refinery import lineage, paths
+from refinery import fsutil, lineage, paths
 from refinery.params import flatten
 from refinery.tracking.channel import (
     Channel,
@@ -45,15 +42,6 @@ def _metric_items(values: Mapping[str, Any], step: int = 0, **extra: Any) -> lis
     stamp = int(time.time() * 1000)
     return [Metric(k, float(v), stamp, step, **extra) for k, v in values.items()
             if isinstance(v, numbers.Real)]
-
-
-def _json(path: Path) -> dict[str, Any]:
-    """A JSON file's object (a missing or bad file: empty)."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def _dataset(described: Mapping[str, Any]) -> Any:
@@ -307,15 +295,15 @@ def _record(channel: Channel, experiment: str, context: RunContext, parent: str,
             records.append(run)
             tags |= {f"refinery.stage.{stage}": run.run_id, f"refinery.stage.{stage}.state":
                      run.state}
-            values = flatten(_json(workspace / paths.metrics_file(stage)))
+            values = flatten(fsutil.read_json_object(workspace / paths.metrics_file(stage)))
             metrics.update({f"{stage}.{k}": v for k, v in values.items()})
             if stage == HEADLINE_STAGE:
                 metrics.update(values)
     channel.client.log_batch(parent, metrics=_metric_items(metrics),
                              tags=tag_items({k: v for k, v in tags.items() if v}))
     # prepare's descriptions (refinery.formats.prepared.describe), read without torch
-    datasets = _json(workspace / paths.PREPARED / "meta.json").get("datasets") or {}
-    StageRun(channel, parent).log_datasets(datasets, roles)
+    meta = fsutil.read_json_object(workspace / paths.PREPARED / "meta.json")
+    StageRun(channel, parent).log_datasets(meta.get("datasets") or {}, roles)
     return records
 
 
